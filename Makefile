@@ -1,0 +1,34 @@
+# The two commands of the README: `make run` and `make test`. Both install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test install system-packages kafka-jars lint bench-freshness
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-jars: $(STAMP)
+	$(PY) -c "from opentrack.kafka_local import ensure_jars; print('Kafka jars in', ensure_jars())"
+
+system-packages:
+	bash scripts/system-packages.sh
+
+run: install kafka-jars
+	$(VENV)/bin/opentrack run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: install kafka-jars system-packages lint
+	$(PY) -m pytest -p no:cacheprovider -q -ra --durations=15
+
+bench-freshness: install kafka-jars
+	$(PY) bench/freshness.py

@@ -1,0 +1,1 @@
+"""The edge: the pixel and the intake API, publishing raw events to Kafka."""

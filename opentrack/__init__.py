@@ -1,0 +1,1 @@
+"""OpenTrack: email open tracking as an event-streaming pipeline (shared settings, events, CLI)."""

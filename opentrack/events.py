@@ -1,0 +1,170 @@
+"""The event contract between stages: one definition of each event and its topic.
+
+Every event is JSON on the wire, keyed by the id that partitions it (``email_id`` for all
+but profile settings). Times are integer epoch milliseconds, UTC. Stages import this
+module and never each other, so this file is the written contract between them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Self
+
+TOPIC_SENDS = "emails.sent"
+TOPIC_OPENS_RAW = "opens.raw"
+TOPIC_OPENS_PROCESSED = "opens.processed"
+TOPIC_ENGAGEMENT = "engagement.raw"
+TOPIC_EMAIL_STATE = "email_state"
+TOPIC_PROFILES = "profiles.settings"
+
+PERSON_TYPES = ("candidate", "contact")
+LOAD_CLASSES = ("human", "proxy", "machine")
+ENGAGEMENT_KINDS = ("reply", "unsubscribe")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event:
+    """JSON (de)serialisation shared by all events; unknown fields are ignored on read
+    so that a newer producer does not break an older consumer."""
+
+    topic: ClassVar[str]
+
+    @property
+    def key(self) -> str:
+        return self.email_id  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Self:
+        return cls.from_dict(json.loads(raw))
+
+
+@dataclass(slots=True)
+class SendRegistered(Event):
+    """The CRM sent an email with (or without) a pixel."""
+
+    topic: ClassVar[str] = TOPIC_SENDS
+    email_id: str
+    profile_id: str
+    person_type: str
+    person_id: str
+    template_id: str
+    subject: str
+    sent_at: int
+    sequence_id: str | None = None
+    sequence_step: int | None = None
+    tracking: bool = True
+    registered_at: int = field(default_factory=now_ms)
+
+
+@dataclass(slots=True)
+class RawOpen(Event):
+    """One pixel load as the edge saw it; the raw IP never gets here, only ``client``,
+    an anonymised network prefix (IPv4 /24, IPv6 /48)."""
+
+    topic: ClassVar[str] = TOPIC_OPENS_RAW
+    event_id: str
+    email_id: str
+    received_at: int
+    user_agent: str
+    client: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ProcessedOpen(Event):
+    """A raw open after replay drop, classification and dedup.
+
+    ``counted`` is the dedup verdict (False: a repeated image load). A late, out-of-order
+    load can change the verdict of a load already emitted; the processor then emits that
+    load again with a higher ``revision``, and the warehouse keeps the highest.
+    """
+
+    topic: ClassVar[str] = TOPIC_OPENS_PROCESSED
+    event_id: str
+    email_id: str
+    received_at: int
+    load_class: str
+    reason: str
+    counted: bool
+    fingerprint: str
+    client_family: str = ""
+    os_family: str = ""
+    device_family: str = ""
+    revision: int = 0
+
+
+@dataclass(slots=True)
+class EmailState(Event):
+    """The per-email open state the CRM reads (DESIGN.md, "Per-email open state").
+
+    ``revision`` grows by one each time the state changes, so that a sink can keep the
+    newest and drop re-deliveries of older ones.
+    """
+
+    topic: ClassVar[str] = TOPIC_EMAIL_STATE
+    email_id: str
+    opened: bool = False
+    open_count: int = 0
+    human_open_count: int = 0
+    machine_open_count: int = 0
+    raw_load_count: int = 0
+    first_opened_at: int | None = None
+    last_opened_at: int | None = None
+    last_human_opened_at: int | None = None
+    revision: int = 0
+
+
+@dataclass(slots=True)
+class Engagement(Event):
+    """A reply or an unsubscribe the CRM reported for a send."""
+
+    topic: ClassVar[str] = TOPIC_ENGAGEMENT
+    event_id: str
+    email_id: str
+    kind: str
+    at: int
+
+
+@dataclass(slots=True)
+class ProfileTracking(Event):
+    """Tracking switched on or off for a sender profile (compacted topic, last one wins)."""
+
+    topic: ClassVar[str] = TOPIC_PROFILES
+    profile_id: str
+    enabled: bool
+    at: int
+
+    @property
+    def key(self) -> str:
+        return self.profile_id
+
+
+ALL_TOPICS = (
+    TOPIC_SENDS,
+    TOPIC_OPENS_RAW,
+    TOPIC_OPENS_PROCESSED,
+    TOPIC_ENGAGEMENT,
+    TOPIC_EMAIL_STATE,
+    TOPIC_PROFILES,
+)

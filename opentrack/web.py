@@ -1,0 +1,97 @@
+"""The web application: pixel, intake API, CRM reads and health, as one Flask app.
+
+The app is assembled here, above the stages, so that no stage imports one downstream of it:
+``ingest`` contributes the pixel and intake blueprints, ``warehouse`` the CRM reads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ingest import intake, pixel
+from ingest.metrics import API_REQUESTS
+from ingest.publish import Publisher, publisher_for_process
+from opentrack.http import json_error
+from opentrack.settings import Settings
+from opentrack.tokens import TokenSigner
+from warehouse import api as crm_api
+from warehouse.engines import Engine, reader_engine
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # a batch of 1,000 sends fits comfortably
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("opentrack")
+    app.config["OPENTRACK"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.url_map.merge_slashes = False  # /o//x.gif must get the GIF, not a redirect
+    app.url_map.strict_slashes = False
+
+    app.extensions["opentrack.signer"] = TokenSigner(
+        settings.secret, [s for s in os.environ.get("OPENTRACK_SECRET_PREVIOUS", "").split(",")]
+    )
+    app.extensions["opentrack.publisher"] = lambda: publisher_for_process(
+        lambda: Publisher(lambda: settings.bootstrap, settings.data_dir / "spool")
+    )
+    engines: dict[int, Engine] = {}
+
+    def warehouse() -> Engine:
+        pid = os.getpid()
+        if pid not in engines:
+            engines[pid] = reader_engine(settings.clickhouse_url, settings.warehouse_socket)
+        return engines[pid]
+
+    app.extensions["opentrack.warehouse"] = warehouse
+
+    app.register_blueprint(pixel.bp)
+    app.register_blueprint(intake.bp)
+    app.register_blueprint(crm_api.bp)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
+
+    @app.after_request
+    def count_api(response: Response) -> Response:
+        if request.path.startswith("/v1/"):
+            route = request.url_rule.rule if request.url_rule else "unmatched"
+            API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(404)
+    def not_found(_exc: Any) -> Response:
+        return json_error(404, f"no such endpoint: {request.method} {request.path}")
+
+    @app.errorhandler(405)
+    def not_allowed(_exc: Any) -> Response:
+        return json_error(405, f"{request.method} is not allowed on {request.path}")
+
+    @app.errorhandler(413)
+    def too_large(_exc: Any) -> Response:
+        return json_error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+
+    @app.errorhandler(400)
+    def bad_request(_exc: Any) -> Response:
+        return json_error(400, "malformed request")
+
+    return app
+
+
+def _registry() -> Any:
+    """All worker processes' metrics when the server runs several (multiprocess mode)."""
+    from prometheus_client import REGISTRY, multiprocess
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY

@@ -1,0 +1,1 @@
+"""Stream processing: replay drop, classification, dedup and per-email state (Faust)."""

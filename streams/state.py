@@ -1,0 +1,274 @@
+"""Per-email stream state: replay drop, event-time dedup and the open counters, as pure code.
+
+The worker keeps one ``EmailRecord`` per email in a changelogged table and calls
+``apply_send`` / ``apply_load`` for each event. Everything here is a function of the events
+(their own times, never the processing clock), so processing the same events again, in any
+order and any number of times, gives the same state.
+
+Dedup: the loads of one client (fingerprint) are sorted by time, and a load is counted when
+it comes at least ``window`` after that client's previous counted load. Because the verdicts
+are recomputed from the sorted loads, a late load that lands between two others gives the
+same answer as if it had come in order; loads whose verdict it changed are emitted again.
+
+State per email is bounded: the newest ``MAX_LOADS`` loads are kept in full (about 120 bytes
+each); older ones are folded into running totals and a list of their short event ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentrack.events import EmailState, ProcessedOpen, RawOpen, SendRegistered
+
+MAX_LOADS = 1000
+MAX_PENDING = 200
+_SHORT_ID = 16  # hex chars of an event id kept for loads folded out of the window
+
+
+@dataclass(slots=True)
+class Verdict:
+    load_class: str
+    reason: str = ""
+    client_family: str = ""
+    os_family: str = ""
+    device_family: str = ""
+
+    @property
+    def is_machine(self) -> bool:
+        return self.load_class == "machine"
+
+
+Classifier = Callable[[RawOpen, int | None], Verdict]
+
+
+def everyone_human(load: RawOpen, sent_at: int | None) -> Verdict:
+    return Verdict("human")
+
+
+@dataclass(slots=True)
+class Load:
+    """A load kept in the state, with what is needed to emit it again."""
+
+    received_at: int
+    event_id: str
+    fingerprint: str
+    load_class: str
+    reason: str
+    client_family: str
+    os_family: str
+    device_family: str
+    counted: bool = False
+    revision: int = 0
+
+    def to_list(self) -> list[Any]:
+        return [
+            self.received_at, self.event_id, self.fingerprint, self.load_class, self.reason,
+            self.client_family, self.os_family, self.device_family, self.counted, self.revision,
+        ]
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        return (self.received_at, self.event_id)
+
+    def processed(self, email_id: str) -> ProcessedOpen:
+        return ProcessedOpen(
+            event_id=self.event_id, email_id=email_id, received_at=self.received_at,
+            load_class=self.load_class, reason=self.reason, counted=self.counted,
+            fingerprint=self.fingerprint, client_family=self.client_family,
+            os_family=self.os_family, device_family=self.device_family, revision=self.revision,
+        )
+
+
+@dataclass(slots=True)
+class Folded:
+    """Totals of the loads folded out of the kept window (oldest first)."""
+
+    open_count: int = 0
+    human_open_count: int = 0
+    raw_load_count: int = 0
+    first_opened_at: int | None = None
+    last_opened_at: int | None = None
+    last_human_opened_at: int | None = None
+    last_counted: dict[str, int] = field(default_factory=dict)  # fingerprint → time
+    event_ids: list[str] = field(default_factory=list)  # short ids, to drop their replays
+
+
+@dataclass(slots=True)
+class EmailRecord:
+    email_id: str
+    sent_at: int | None = None
+    profile_id: str | None = None
+    loads: list[Load] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    folded: Folded = field(default_factory=Folded)
+    state: EmailState | None = None
+
+    # -- storage -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        f = self.folded
+        return {
+            "sent_at": self.sent_at,
+            "profile_id": self.profile_id,
+            "loads": [load.to_list() for load in self.loads],
+            "pending": self.pending,
+            "folded": [f.open_count, f.human_open_count, f.raw_load_count, f.first_opened_at,
+                       f.last_opened_at, f.last_human_opened_at, f.last_counted, f.event_ids],
+            "state": self.state.to_dict() if self.state else None,
+        }
+
+    @classmethod
+    def from_dict(cls, email_id: str, data: dict[str, Any] | None) -> EmailRecord:
+        if not data:
+            return cls(email_id)
+        return cls(
+            email_id=email_id,
+            sent_at=data.get("sent_at"),
+            profile_id=data.get("profile_id"),
+            loads=[Load(*row) for row in data.get("loads", [])],
+            pending=data.get("pending", []),
+            folded=Folded(*data["folded"]) if data.get("folded") else Folded(),
+            state=EmailState.from_dict(data["state"]) if data.get("state") else None,
+        )
+
+    @property
+    def send_known(self) -> bool:
+        return self.sent_at is not None
+
+    def has_seen(self, event_id: str) -> bool:
+        if any(load.event_id == event_id for load in self.loads):
+            return True
+        if any(p.get("event_id") == event_id for p in self.pending):
+            return True
+        return event_id[:_SHORT_ID] in self.folded.event_ids
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one event changed: opens to emit (new or re-decided) and the new state, if any."""
+
+    opens: list[ProcessedOpen] = field(default_factory=list)
+    state: EmailState | None = None
+    replay: bool = False
+    parked: bool = False
+
+
+def apply_send(
+    record: EmailRecord, send: SendRegistered, classify: Classifier, window_ms: int
+) -> Outcome:
+    """Learn the send; loads that arrived before it are processed now, in time order."""
+    if record.send_known:  # registering the same send again changes nothing
+        return Outcome()
+    record.sent_at = send.sent_at
+    record.profile_id = send.profile_id
+    pending, record.pending = record.pending, []
+    outcome = Outcome()
+    for raw in sorted(pending, key=lambda p: (p["received_at"], p["event_id"])):
+        step = apply_load(record, RawOpen.from_dict(raw), classify, window_ms)
+        outcome.opens.extend(step.opens)
+        outcome.state = step.state or outcome.state
+    if outcome.state is None and record.state is None:
+        outcome.state = _publish_state(record, _compute_state(record))
+    return outcome
+
+
+def apply_load(
+    record: EmailRecord, raw: RawOpen, classify: Classifier, window_ms: int
+) -> Outcome:
+    if record.has_seen(raw.event_id):
+        return Outcome(replay=True)
+    if not record.send_known:
+        if len(record.pending) < MAX_PENDING:
+            record.pending.append(raw.to_dict())
+        return Outcome(parked=True)
+    verdict = classify(raw, record.sent_at)
+    new = Load(
+        received_at=raw.received_at, event_id=raw.event_id,
+        fingerprint=client_fingerprint(raw.user_agent, raw.client),
+        load_class=verdict.load_class, reason=verdict.reason,
+        client_family=verdict.client_family, os_family=verdict.os_family,
+        device_family=verdict.device_family,
+    )
+    record.loads.append(new)
+    record.loads.sort(key=lambda load: load.sort_key)
+    revision = (record.state.revision if record.state else 0) + 1
+    changed = _decide_counted(record, window_ms)
+    for load in changed:
+        load.revision = revision
+    new.revision = revision
+    _fold_oldest(record)
+    outcome = Outcome(opens=[load.processed(record.email_id) for load in changed])
+    if new not in changed:
+        outcome.opens.append(new.processed(record.email_id))
+    outcome.state = _publish_state(record, _compute_state(record))
+    return outcome
+
+
+def client_fingerprint(user_agent: str, client: str) -> str:
+    """Same client = same user agent and same anonymised network; hashed to keep state small."""
+    return hashlib.blake2b(f"{user_agent}\x00{client}".encode(), digest_size=8).hexdigest()
+
+
+def _decide_counted(record: EmailRecord, window_ms: int) -> list[Load]:
+    """Recompute every kept load's dedup verdict; return the loads whose verdict changed."""
+    last = dict(record.folded.last_counted)
+    changed = []
+    for load in record.loads:
+        previous = last.get(load.fingerprint)
+        counted = previous is None or abs(load.received_at - previous) >= window_ms
+        if counted:
+            last[load.fingerprint] = load.received_at
+        if counted != load.counted:
+            load.counted = counted
+            changed.append(load)
+    return changed
+
+
+def _fold_oldest(record: EmailRecord) -> None:
+    f = record.folded
+    while len(record.loads) > MAX_LOADS:
+        load = record.loads.pop(0)
+        f.raw_load_count += 1
+        f.event_ids.append(load.event_id[:_SHORT_ID])
+        if not load.counted:
+            continue
+        f.open_count += 1
+        f.last_counted[load.fingerprint] = load.received_at
+        f.first_opened_at = f.first_opened_at or load.received_at
+        f.last_opened_at = load.received_at
+        if load.load_class != "machine":
+            f.human_open_count += 1
+            f.last_human_opened_at = load.received_at
+
+
+def _compute_state(record: EmailRecord) -> EmailState:
+    f = record.folded
+    counted = [load for load in record.loads if load.counted]
+    human = [load for load in counted if load.load_class != "machine"]
+    open_count = f.open_count + len(counted)
+    human_count = f.human_open_count + len(human)
+    return EmailState(
+        email_id=record.email_id,
+        opened=open_count > 0,
+        open_count=open_count,
+        human_open_count=human_count,
+        machine_open_count=open_count - human_count,
+        raw_load_count=f.raw_load_count + len(record.loads),
+        first_opened_at=f.first_opened_at or (counted[0].received_at if counted else None),
+        last_opened_at=counted[-1].received_at if counted else f.last_opened_at,
+        last_human_opened_at=human[-1].received_at if human else f.last_human_opened_at,
+    )
+
+
+def _publish_state(record: EmailRecord, state: EmailState) -> EmailState | None:
+    """Keep the new state; return it only if it differs, with the next revision."""
+    previous = record.state
+    if previous is not None:
+        state.revision = previous.revision
+        if state == previous:
+            return None
+    state.revision = (previous.revision if previous else 0) + 1
+    record.state = state
+    return state

@@ -1,0 +1,109 @@
+"""The Faust worker: sends and raw opens in, processed opens and email state out.
+
+Sends and opens share one agent so that one email's events are handled in a single
+per-partition order against one table entry; the logic lives in ``streams.state``.
+
+Processing guarantee: at-least-once (Faust's default, no Kafka transactions). After a
+crash, events between the last committed offset and the crash are processed again; the
+table remembers every event id it has applied (its changelog is written before offsets are
+committed), so a re-processed load is recognised as a replay and changes nothing, and the
+outputs it emits again carry the same revisions, which the warehouse de-duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faust
+
+from opentrack.events import (
+    TOPIC_EMAIL_STATE,
+    TOPIC_OPENS_PROCESSED,
+    TOPIC_OPENS_RAW,
+    TOPIC_SENDS,
+    RawOpen,
+    SendRegistered,
+)
+from opentrack.settings import Settings
+from streams import state
+from streams.metrics import WORKER_EVENTS
+
+log = logging.getLogger(__name__)
+
+
+def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
+    return app.topic(*names, key_serializer="raw", value_serializer="raw")
+
+
+def create_worker_app(
+    settings: Settings, instance: int = 0, classify: state.Classifier | None = None
+) -> faust.App:
+    if classify is None:
+        from streams.classify_adapter import classifier_from_settings
+
+        classify = classifier_from_settings(settings)
+    window_ms = int(settings.dedup_window * 1000)
+    datadir = Path(settings.data_dir) / "streams" / f"worker-{instance}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        "opentrack-streams",
+        broker=[f"kafka://{hostport}" for hostport in settings.bootstrap.split(",")],
+        store="rocksdb://",
+        datadir=str(datadir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+        stream_wait_empty=False,
+    )
+    emails = app.Table(
+        "emails", key_type=str, partitions=settings.partitions, default=None,
+    )
+    processed = _raw_topic(app, TOPIC_OPENS_PROCESSED)
+    states = _raw_topic(app, TOPIC_EMAIL_STATE)
+    inbound = _raw_topic(app, TOPIC_SENDS, TOPIC_OPENS_RAW)
+
+    @app.agent(inbound)
+    async def process(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            key = event.key.decode() if event.key else ""
+            topic = event.message.topic
+            try:
+                if topic == TOPIC_SENDS:
+                    send = SendRegistered.from_bytes(event.value)
+                    key = send.email_id
+                    record = state.EmailRecord.from_dict(key, emails.get(key))
+                    outcome = state.apply_send(record, send, classify, window_ms)
+                else:
+                    load = RawOpen.from_bytes(event.value)
+                    key = load.email_id
+                    record = state.EmailRecord.from_dict(key, emails.get(key))
+                    outcome = state.apply_load(record, load, classify, window_ms)
+            except (ValueError, TypeError, KeyError) as exc:
+                WORKER_EVENTS.labels(topic=topic, outcome="invalid").inc()
+                log.warning("skipping malformed event on %s: %s", topic, exc)
+                continue
+            if outcome.replay:
+                WORKER_EVENTS.labels(topic=topic, outcome="replay").inc()
+                continue
+            emails[key] = record.to_dict()
+            for opened in outcome.opens:
+                await processed.send(key=key.encode(), value=opened.to_bytes())
+            if outcome.state is not None:
+                await states.send(key=key.encode(), value=outcome.state.to_bytes())
+            WORKER_EVENTS.labels(
+                topic=topic, outcome="parked" if outcome.parked else "applied"
+            ).inc()
+
+    return app
+
+
+def run_worker(settings: Settings, instance: int = 0) -> None:
+    from faust.worker import Worker
+
+    app = create_worker_app(settings, instance)
+    level = {"WARNING": "warn", "CRITICAL": "crit"}.get(settings.log_level, settings.log_level)
+    Worker(app, loglevel=level.lower(), quiet=True).execute_from_commandline()

@@ -1,0 +1,1 @@
+"""ClickHouse: schema, the loader from Kafka, and the reads behind the CRM API."""

@@ -1,0 +1,197 @@
+"""Kafka → ClickHouse in small batches, idempotently, committing only what was written.
+
+Batching: each poll returns what has arrived (up to ``max_records``), waiting at most
+``poll_ms`` when nothing has; that batch is inserted at once. So a batch is bounded in size
+by ``max_records`` and in latency by ``poll_ms`` plus one insert, which keeps a load visible
+in the CRM API well under a second after the worker emitted it.
+
+Failure: when ClickHouse cannot take a batch, the loader retries the same batch with
+backoff, forever, without polling further and without committing; offsets are committed only
+after every table of the batch was written. A crash before the commit means the batch is
+delivered again, and the ReplacingMergeTree keys (see ``warehouse.schema``) absorb it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from tenacity import Retrying, retry_if_exception_type, stop_any, wait_exponential
+
+from opentrack import events
+from warehouse.engines import Engine
+
+log = logging.getLogger(__name__)
+
+LOADER_ROWS = Counter("opentrack_loader_rows_total", "Rows written by table", ["table"])
+LOADER_RETRIES = Counter("opentrack_loader_retries_total", "Batch inserts retried")
+LOADER_SKIPPED = Counter(
+    "opentrack_loader_skipped_total", "Malformed messages skipped, by topic", ["topic"]
+)
+LOADER_BATCH_SECONDS = Histogram(
+    "opentrack_loader_batch_seconds", "Time to write one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+LOADER_BATCH_ROWS = Histogram(
+    "opentrack_loader_batch_rows", "Messages per batch",
+    buckets=(1, 10, 100, 1000, 5000, 10000, 50000),
+)
+
+SEND_COLUMNS = (
+    "email_id", "profile_id", "person_type", "person_id", "template_id", "subject",
+    "sequence_id", "sequence_step", "sent_at", "tracking", "registered_at",
+)
+OPEN_COLUMNS = (
+    "event_id", "email_id", "received_at", "load_class", "reason", "counted", "fingerprint",
+    "client_family", "os_family", "device_family", "revision",
+)
+STATE_COLUMNS = (
+    "email_id", "opened", "open_count", "human_open_count", "machine_open_count",
+    "raw_load_count", "first_opened_at", "last_opened_at", "last_human_opened_at", "revision",
+)
+ENGAGEMENT_COLUMNS = ("event_id", "email_id", "kind", "at")
+
+
+def send_row(e: events.SendRegistered) -> tuple[Any, ...]:
+    return (
+        e.email_id, e.profile_id, e.person_type, e.person_id, e.template_id, e.subject,
+        e.sequence_id or "", e.sequence_step or 0, e.sent_at, int(e.tracking), e.registered_at,
+    )
+
+
+def open_row(e: events.ProcessedOpen) -> tuple[Any, ...]:
+    return (
+        e.event_id, e.email_id, e.received_at, e.load_class, e.reason, int(e.counted),
+        e.fingerprint, e.client_family, e.os_family, e.device_family, e.revision,
+    )
+
+
+def state_row(e: events.EmailState) -> tuple[Any, ...]:
+    return (
+        e.email_id, int(e.opened), e.open_count, e.human_open_count, e.machine_open_count,
+        e.raw_load_count, e.first_opened_at or 0, e.last_opened_at or 0,
+        e.last_human_opened_at or 0, e.revision,
+    )
+
+
+def engagement_row(e: events.Engagement) -> tuple[Any, ...]:
+    if e.kind not in events.ENGAGEMENT_KINDS:
+        raise ValueError(f"unknown engagement kind {e.kind!r}")
+    return (e.event_id, e.email_id, e.kind, e.at)
+
+
+SINKS: dict[str, tuple[str, tuple[str, ...], type[events.Event], Callable[[Any], tuple]]] = {
+    events.TOPIC_SENDS: ("sends", SEND_COLUMNS, events.SendRegistered, send_row),
+    events.TOPIC_OPENS_PROCESSED: ("opens", OPEN_COLUMNS, events.ProcessedOpen, open_row),
+    events.TOPIC_EMAIL_STATE: ("email_state", STATE_COLUMNS, events.EmailState, state_row),
+    events.TOPIC_ENGAGEMENT: ("engagement", ENGAGEMENT_COLUMNS, events.Engagement, engagement_row),
+}
+
+
+def rows_by_table(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[tuple[Any, ...]]]:
+    """(topic, value) pairs → rows per table; malformed values are skipped and counted."""
+    tables: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for topic, value in messages:
+        table, _, event_type, to_row = SINKS[topic]
+        try:
+            tables[table].append(to_row(event_type.from_bytes(value)))
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+            LOADER_SKIPPED.labels(topic=topic).inc()
+            log.warning("skipping malformed message on %s: %s", topic, exc)
+    return tables
+
+
+def write_batch(engine: Engine, tables: dict[str, list[tuple[Any, ...]]]) -> None:
+    columns = {table: cols for table, cols, _, _ in SINKS.values()}
+    for table, rows in tables.items():
+        engine.insert(table, columns[table], rows)
+        LOADER_ROWS.labels(table=table).inc(len(rows))
+
+
+class Loader:
+    def __init__(
+        self,
+        engine: Engine,
+        bootstrap: str,
+        group_id: str = "opentrack-warehouse",
+        topics: Iterable[str] = tuple(SINKS),
+        max_records: int = 20000,
+        poll_ms: int = 50,
+    ) -> None:
+        self.engine = engine
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.topics = list(topics)
+        self.max_records = max_records
+        self.poll_ms = poll_ms
+        self.stopping = threading.Event()
+
+    def _consumer(self) -> Any:
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.max_records,
+            max_poll_interval_ms=30 * 60 * 1000,  # room for a long ClickHouse outage
+            fetch_max_wait_ms=self.poll_ms,
+            isolation_level="read_committed",
+        )
+
+    def _write_with_retry(self, tables: dict[str, list[tuple[Any, ...]]]) -> bool:
+        """Write until it works; False only when asked to stop first (nothing committed)."""
+        retrying = Retrying(
+            wait=wait_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type(Exception),
+            stop=stop_any(lambda _state: self.stopping.is_set()),
+            before_sleep=lambda s: (
+                LOADER_RETRIES.inc(),
+                log.warning("warehouse write failed, retrying: %s", s.outcome.exception()),
+            ),
+            reraise=False,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    write_batch(self.engine, tables)
+        except Exception:
+            return False
+        return True
+
+    def run(self) -> None:
+        from kafka.errors import CommitFailedError
+
+        consumer = self._consumer()
+        log.info("loader consuming %s", ", ".join(self.topics))
+        try:
+            while not self.stopping.is_set():
+                polled = consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records)
+                if not polled:
+                    continue
+                messages = [
+                    (tp.topic, rec.value) for tp, recs in polled.items() for rec in recs
+                    if rec.value is not None
+                ]
+                started = time.perf_counter()
+                if not self._write_with_retry(rows_by_table(messages)):
+                    break
+                LOADER_BATCH_SECONDS.observe(time.perf_counter() - started)
+                LOADER_BATCH_ROWS.observe(len(messages))
+                try:
+                    consumer.commit()
+                except CommitFailedError as exc:  # rebalanced meanwhile: it comes again
+                    log.warning("offset commit failed, the batch will be redelivered: %s", exc)
+        finally:
+            consumer.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
