@@ -57,6 +57,9 @@ def create_worker_app(
         web_enabled=False,
         producer_acks=-1,
         broker_commit_interval=1.0,
+        # a killed worker's partitions move to the others after 10 s, not Kafka's 45 s
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
         stream_wait_empty=False,
     )
     emails = app.Table(

@@ -14,9 +14,9 @@ from streams.state import (
     Verdict,
     apply_load,
     apply_send,
-    client_fingerprint,
     everyone_human,
 )
+from opentrack.truth import counted_verdicts, expected_state
 
 WINDOW = 60_000
 SENT = 1_000_000
@@ -35,27 +35,7 @@ def by_agent(raw: RawOpen, sent_at: int | None) -> Verdict:
 
 
 def reference(loads: list[RawOpen], classify=by_agent) -> dict:
-    """The contract, computed the slow obvious way: sort by time, walk each client."""
-    unique = {raw.event_id: raw for raw in loads}.values()
-    ordered = sorted(unique, key=lambda r: (r.received_at, r.event_id))
-    last: dict[str, int] = {}
-    counted = []
-    for raw in ordered:
-        fp = client_fingerprint(raw.user_agent, raw.client)
-        if fp not in last or raw.received_at - last[fp] >= WINDOW:
-            last[fp] = raw.received_at
-            counted.append(raw)
-    human = [r for r in counted if classify(r, SENT).load_class != "machine"]
-    return {
-        "opened": bool(counted),
-        "open_count": len(counted),
-        "human_open_count": len(human),
-        "machine_open_count": len(counted) - len(human),
-        "raw_load_count": len(ordered),
-        "first_opened_at": counted[0].received_at if counted else None,
-        "last_opened_at": counted[-1].received_at if counted else None,
-        "last_human_opened_at": human[-1].received_at if human else None,
-    }
+    return expected_state(loads, WINDOW, lambda r: classify(r, SENT).load_class == "machine")
 
 
 def process(events: list, classify=by_agent) -> tuple[EmailRecord, dict[str, bool]]:
@@ -169,14 +149,7 @@ def test_any_order_any_replays_same_state_as_reference(loads, rnd, send_position
 
 
 def reference_verdicts(loads: list[RawOpen]) -> dict[str, bool]:
-    last: dict[str, int] = {}
-    out = {}
-    for raw in sorted(loads, key=lambda r: (r.received_at, r.event_id)):
-        fp = client_fingerprint(raw.user_agent, raw.client)
-        out[raw.event_id] = fp not in last or raw.received_at - last[fp] >= WINDOW
-        if out[raw.event_id]:
-            last[fp] = raw.received_at
-    return out
+    return counted_verdicts(loads, WINDOW)
 
 
 def test_same_events_processed_twice_in_different_orders_agree() -> None:
