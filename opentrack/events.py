@@ -33,6 +33,16 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+_ALLOWED: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
+    "dict[str, str]": (dict,),
+}
+
+
 class Event:
     """JSON (de)serialisation shared by all events; unknown fields are ignored on read
     so that a newer producer does not break an older consumer."""
@@ -51,8 +61,20 @@ class Event:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Build the event, refusing values of the wrong type: a malformed message must be
+        rejected at the door of a stage, not fail later half-way into a table."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a JSON object")
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            allowed = _ALLOWED[str(f.type)]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"{cls.__name__}.{f.name}: {value!r} is not {f.type}")
+            values[f.name] = value
+        return cls(**values)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Self:

@@ -52,6 +52,7 @@ class Settings:
     kafka_bootstrap: str | None
     clickhouse_url: str | None
     secret: str = field(repr=False)
+    previous_secrets: tuple[str, ...] = field(repr=False)
     api_key: str = field(repr=False)
     public_url: str
     dedup_window: float
@@ -75,6 +76,9 @@ class Settings:
             kafka_bootstrap=env.get("OPENTRACK_KAFKA_BOOTSTRAP") or None,
             clickhouse_url=env.get("OPENTRACK_CLICKHOUSE_URL") or None,
             secret=secret,
+            previous_secrets=tuple(
+                s for s in (env.get("OPENTRACK_SECRET_PREVIOUS") or "").split(",") if s
+            ),
             api_key=api_key,
             public_url=(env.get("OPENTRACK_PUBLIC_URL") or f"http://{listen[0]}:{listen[1]}").rstrip("/"),
             dedup_window=_number(env, "OPENTRACK_DEDUP_WINDOW", 60.0),

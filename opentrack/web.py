@@ -32,9 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False  # /o//x.gif must get the GIF, not a redirect
     app.url_map.strict_slashes = False
 
-    app.extensions["opentrack.signer"] = TokenSigner(
-        settings.secret, [s for s in os.environ.get("OPENTRACK_SECRET_PREVIOUS", "").split(",")]
-    )
+    app.extensions["opentrack.signer"] = TokenSigner(settings.secret, settings.previous_secrets)
     app.extensions["opentrack.publisher"] = lambda: publisher_for_process(
         lambda: Publisher(lambda: settings.bootstrap, settings.data_dir / "spool")
     )

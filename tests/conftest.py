@@ -98,3 +98,30 @@ def running_stack(
         raise
     yield RunningStack(stack)
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Debian's clickhouse-server (18.16), the real server the clickhouse-driver path runs on."""
+    from warehouse.clickhouse_local import find_clickhouse_server, start_clickhouse_server
+
+    if find_clickhouse_server() is None:
+        pytest.fail("clickhouse-server is not installed: run `make system-packages`")
+    server = start_clickhouse_server(tmp_path_factory.mktemp("clickhouse"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["chdb", "server"])
+def warehouse_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Each warehouse test runs on both engines: the embedded chDB and a ClickHouse server."""
+    from warehouse.engines import ChdbEngine, ServerEngine
+    from warehouse.schema import migrate
+
+    if request.param == "chdb":
+        engine = ChdbEngine(tmp_path_factory.mktemp("chdb"))
+    else:
+        engine = ServerEngine(request.getfixturevalue("clickhouse_server").url)
+    migrate(engine)
+    yield engine
+    engine.close()
