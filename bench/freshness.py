@@ -12,7 +12,6 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import requests
 

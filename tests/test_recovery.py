@@ -9,12 +9,11 @@ import shutil
 import signal
 import uuid
 
-from kafka import KafkaProducer
-
 from ingest.validate import parse_time
+from kafka import KafkaProducer
 from opentrack.events import RawOpen
-from streams.classify_adapter import classifier_from_settings
 from opentrack.truth import expected_state
+from streams.classify_adapter import classifier_from_settings
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opentrack.events import RawOpen, SendRegistered
+from opentrack.truth import counted_verdicts, expected_state
 from streams.state import (
     MAX_LOADS,
     EmailRecord,
@@ -16,7 +17,6 @@ from streams.state import (
     apply_send,
     everyone_human,
 )
-from opentrack.truth import counted_verdicts, expected_state
 
 WINDOW = 60_000
 SENT = 1_000_000
