@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -9,7 +10,7 @@ from markupsafe import escape
 
 from ingest import validate
 from opentrack.auth import require_api_key
-from opentrack.events import Engagement, SendRegistered, new_event_id
+from opentrack.events import Engagement, ProfileTracking, SendRegistered, now_ms
 from opentrack.http import json_error
 
 bp = Blueprint("intake", __name__)
@@ -38,6 +39,12 @@ def _registration(send: SendRegistered) -> dict[str, Any]:
     }
 
 
+def _with_tracking(send: SendRegistered) -> SendRegistered:
+    """A send of a profile whose tracking is off is registered without a pixel."""
+    send.tracking = current_app.extensions["opentrack.profiles"]().enabled_now(send.profile_id)
+    return send
+
+
 def _publish(*events: Any) -> None:
     publisher = current_app.extensions["opentrack.publisher"]()
     for event in events:
@@ -52,7 +59,7 @@ def invalid(exc: validate.Invalid) -> Response:
 @bp.post("/v1/emails")
 @require_api_key
 def register_send() -> tuple[Response, int]:
-    send = validate.send(_body())
+    send = _with_tracking(validate.send(_body()))
     _publish(send)
     return jsonify(_registration(send)), 201
 
@@ -69,21 +76,34 @@ def register_batch() -> tuple[Response, int] | Response:
     sends = []
     for i, item in enumerate(items):
         try:
-            sends.append(validate.send(item))
+            sends.append(_with_tracking(validate.send(item)))
         except validate.Invalid as exc:  # all or nothing: nothing is published
             raise validate.Invalid(f"emails[{i}].{exc.field}", exc.message) from None
     _publish(*sends)
     return jsonify({"emails": [_registration(s) for s in sends]}), 201
 
 
+@bp.put("/v1/profiles/<profile_id>/tracking")
+@require_api_key
+def profile_tracking(profile_id: str) -> Response:
+    validate.text({"profile_id": profile_id}, "profile_id")
+    body = validate.json_object(_body())
+    enabled = body.get("enabled")
+    if not isinstance(enabled, bool):
+        raise validate.Invalid("enabled", "expected true or false")
+    event = ProfileTracking(profile_id=profile_id, enabled=enabled, at=now_ms())
+    _publish(event)
+    current_app.extensions["opentrack.profiles"]().apply(event)
+    return jsonify({"profile_id": profile_id, "enabled": enabled})
+
+
 def _engagement(kind: str) -> tuple[Response, int]:
     body = validate.json_object(_body())
-    event = Engagement(
-        event_id=new_event_id(),
-        email_id=validate.email_id(body.get("email_id")),
-        kind=kind,
-        at=validate.parse_time(body.get("at"), "at"),
-    )
+    email_id = validate.email_id(body.get("email_id"))
+    at = validate.parse_time(body.get("at"), "at")
+    # The same reply reported again (a CRM retry) is the same event: its id is derived.
+    event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"opentrack:{kind}:{email_id}:{at}").hex
+    event = Engagement(event_id=event_id, email_id=email_id, kind=kind, at=at)
     _publish(event)
     return jsonify({"email_id": event.email_id, "kind": kind, "accepted": True}), 202
 

@@ -9,7 +9,7 @@ thread once the broker answers; events keep their ``event_id``, so the stream pr
 drop any copy that had already arrived. Per-email order does not matter downstream: the
 dedup is computed on event time, whatever the arrival order.
 
-One ``Publisher`` per process, created lazily after the server forks its workers.
+One ``Publisher`` per process (``opentrack.per_process``), created after the server forks.
 """
 
 from __future__ import annotations
@@ -270,17 +270,3 @@ class Publisher:
                 self._maybe_delete(seg)
                 with contextlib.suppress(Exception):
                     seg.file.close()
-
-
-_publishers: dict[int, Publisher] = {}
-_publishers_lock = threading.Lock()
-
-
-def publisher_for_process(factory: Callable[[], Publisher]) -> Publisher:
-    """One publisher per process: created after fork, never inherited from a parent."""
-    pid = os.getpid()
-    with _publishers_lock:
-        pub = _publishers.get(pid)
-        if pub is None:
-            pub = _publishers[pid] = factory()
-        return pub

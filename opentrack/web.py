@@ -14,12 +14,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ingest import intake, pixel
 from ingest.metrics import API_REQUESTS
-from ingest.publish import Publisher, publisher_for_process
+from ingest.publish import Publisher
 from opentrack.http import json_error
+from opentrack.per_process import PerProcess
+from opentrack.profiles import ProfileFollower, ProfileSwitches
 from opentrack.settings import Settings
 from opentrack.tokens import TokenSigner
 from warehouse import api as crm_api
-from warehouse.engines import Engine, reader_engine
+from warehouse.engines import reader_engine
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a batch of 1,000 sends fits comfortably
 
@@ -33,18 +35,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.strict_slashes = False
 
     app.extensions["opentrack.signer"] = TokenSigner(settings.secret, settings.previous_secrets)
-    app.extensions["opentrack.publisher"] = lambda: publisher_for_process(
+    app.extensions["opentrack.publisher"] = PerProcess(
         lambda: Publisher(lambda: settings.bootstrap, settings.data_dir / "spool")
     )
-    engines: dict[int, Engine] = {}
+    app.extensions["opentrack.warehouse"] = PerProcess(
+        lambda: reader_engine(settings.clickhouse_url, settings.warehouse_socket)
+    )
 
-    def warehouse() -> Engine:
-        pid = os.getpid()
-        if pid not in engines:
-            engines[pid] = reader_engine(settings.clickhouse_url, settings.warehouse_socket)
-        return engines[pid]
+    def follow_profiles() -> ProfileSwitches:
+        follower = ProfileFollower(lambda: settings.bootstrap)
+        follower.wait_caught_up(5)  # a new send must see the switches made before it
+        return follower.switches
 
-    app.extensions["opentrack.warehouse"] = warehouse
+    app.extensions["opentrack.profiles"] = PerProcess(follow_profiles)
 
     app.register_blueprint(pixel.bp)
     app.register_blueprint(intake.bp)

@@ -42,6 +42,11 @@ class Verdict:
 
 
 Classifier = Callable[[RawOpen, int | None], Verdict]
+TrackingAt = Callable[[str | None, int], bool]  # (profile_id, event time) → tracking on?
+
+
+def always_tracked(profile_id: str | None, at_ms: int) -> bool:
+    return True
 
 
 def everyone_human(load: RawOpen, sent_at: int | None) -> Verdict:
@@ -101,6 +106,7 @@ class EmailRecord:
     email_id: str
     sent_at: int | None = None
     profile_id: str | None = None
+    tracking: bool = True
     loads: list[Load] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
     folded: Folded = field(default_factory=Folded)
@@ -112,6 +118,7 @@ class EmailRecord:
         return {
             "sent_at": self.sent_at,
             "profile_id": self.profile_id,
+            "tracking": self.tracking,
             "loads": [load.to_list() for load in self.loads],
             "pending": self.pending,
             "folded": [f.open_count, f.human_open_count, f.raw_load_count, f.first_opened_at,
@@ -127,6 +134,7 @@ class EmailRecord:
             email_id=email_id,
             sent_at=data.get("sent_at"),
             profile_id=data.get("profile_id"),
+            tracking=data.get("tracking", True),
             loads=[Load(*row) for row in data.get("loads", [])],
             pending=data.get("pending", []),
             folded=Folded(*data["folded"]) if data.get("folded") else Folded(),
@@ -153,20 +161,27 @@ class Outcome:
     state: EmailState | None = None
     replay: bool = False
     parked: bool = False
+    tracking_off: int = 0  # loads dropped because tracking was off for the email's profile
 
 
 def apply_send(
-    record: EmailRecord, send: SendRegistered, classify: Classifier, window_ms: int
+    record: EmailRecord,
+    send: SendRegistered,
+    classify: Classifier,
+    window_ms: int,
+    tracked: TrackingAt = always_tracked,
 ) -> Outcome:
     """Learn the send; loads that arrived before it are processed now, in time order."""
     if record.send_known:  # registering the same send again changes nothing
         return Outcome()
     record.sent_at = send.sent_at
     record.profile_id = send.profile_id
+    record.tracking = send.tracking
     pending, record.pending = record.pending, []
     outcome = Outcome()
     for raw in sorted(pending, key=lambda p: (p["received_at"], p["event_id"])):
-        step = apply_load(record, RawOpen.from_dict(raw), classify, window_ms)
+        step = apply_load(record, RawOpen.from_dict(raw), classify, window_ms, tracked)
+        outcome.tracking_off += step.tracking_off
         outcome.opens.extend(step.opens)
         outcome.state = step.state or outcome.state
     if outcome.state is None and record.state is None:
@@ -175,7 +190,11 @@ def apply_send(
 
 
 def apply_load(
-    record: EmailRecord, raw: RawOpen, classify: Classifier, window_ms: int
+    record: EmailRecord,
+    raw: RawOpen,
+    classify: Classifier,
+    window_ms: int,
+    tracked: TrackingAt = always_tracked,
 ) -> Outcome:
     if record.has_seen(raw.event_id):
         return Outcome(replay=True)
@@ -183,6 +202,8 @@ def apply_load(
         if len(record.pending) < MAX_PENDING:
             record.pending.append(raw.to_dict())
         return Outcome(parked=True)
+    if not record.tracking or not tracked(record.profile_id, raw.received_at):
+        return Outcome(tracking_off=1)
     verdict = classify(raw, record.sent_at)
     new = Load(
         received_at=raw.received_at, event_id=raw.event_id,

@@ -12,6 +12,7 @@ outputs it emits again carry the same revisions, which the warehouse de-duplicat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from opentrack.events import (
     RawOpen,
     SendRegistered,
 )
+from opentrack.profiles import ProfileFollower, ProfileSwitches
 from opentrack.settings import Settings
 from streams import state
 from streams.metrics import WORKER_EVENTS
@@ -44,6 +46,10 @@ def create_worker_app(
 
         classify = classifier_from_settings(settings)
     window_ms = int(settings.dedup_window * 1000)
+    profiles = ProfileFollower(lambda: settings.bootstrap)
+    if not profiles.wait_caught_up(60):
+        raise RuntimeError("could not read the profile tracking settings from Kafka in 60 s")
+    tracked = profiles.switches.enabled_at
     datadir = Path(settings.data_dir) / "streams" / f"worker-{instance}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -79,12 +85,13 @@ def create_worker_app(
                     send = SendRegistered.from_bytes(event.value)
                     key = send.email_id
                     record = state.EmailRecord.from_dict(key, emails.get(key))
-                    outcome = state.apply_send(record, send, classify, window_ms)
+                    outcome = state.apply_send(record, send, classify, window_ms, tracked)
                 else:
                     load = RawOpen.from_bytes(event.value)
                     key = load.email_id
+                    await _switches_known(profiles.switches, load.received_at)
                     record = state.EmailRecord.from_dict(key, emails.get(key))
-                    outcome = state.apply_load(record, load, classify, window_ms)
+                    outcome = state.apply_load(record, load, classify, window_ms, tracked)
             except (ValueError, TypeError, KeyError) as exc:
                 WORKER_EVENTS.labels(topic=topic, outcome="invalid").inc()
                 log.warning("skipping malformed event on %s: %s", topic, exc)
@@ -92,16 +99,29 @@ def create_worker_app(
             if outcome.replay:
                 WORKER_EVENTS.labels(topic=topic, outcome="replay").inc()
                 continue
+            if outcome.tracking_off:
+                dropped = outcome.tracking_off
+                WORKER_EVENTS.labels(topic=topic, outcome="tracking_off").inc(dropped)
             emails[key] = record.to_dict()
             for opened in outcome.opens:
                 await processed.send(key=key.encode(), value=opened.to_bytes())
             if outcome.state is not None:
                 await states.send(key=key.encode(), value=outcome.state.to_bytes())
-            WORKER_EVENTS.labels(
-                topic=topic, outcome="parked" if outcome.parked else "applied"
-            ).inc()
+            if outcome.parked:
+                WORKER_EVENTS.labels(topic=topic, outcome="parked").inc()
+            elif not outcome.tracking_off:
+                WORKER_EVENTS.labels(topic=topic, outcome="applied").inc()
 
     return app
+
+
+async def _switches_known(switches: ProfileSwitches, at_ms: int, patience: float = 2.0) -> None:
+    """Wait (briefly) until the tracking switches up to the load's time are known, so that a
+    load that arrives just after a switch is judged by it."""
+    waited = 0.0
+    while switches.known_until < at_ms and waited < patience:
+        await asyncio.sleep(0.01)
+        waited += 0.01
 
 
 def run_worker(settings: Settings, instance: int = 0) -> None:

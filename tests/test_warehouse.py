@@ -54,6 +54,7 @@ def test_state_with_send_metadata(warehouse_engine) -> None:
         "raw_load_count": 3, "first_opened_at": "2026-01-05T09:01:00.000Z",
         "last_opened_at": "2026-01-05T09:02:00.000Z",
         "last_human_opened_at": "2026-01-05T09:02:00.000Z",
+        "replies": 0, "replied": False, "unsubscribes": 0, "unsubscribed": False,
     }
 
 

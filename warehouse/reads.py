@@ -52,7 +52,11 @@ def email_opens(engine: Engine, email_id: str) -> dict[str, Any] | None:
                st.machine_open_count AS machine_open_count,
                st.raw_load_count AS raw_load_count, st.first_opened_at AS first_opened_at,
                st.last_opened_at AS last_opened_at,
-               st.last_human_opened_at AS last_human_opened_at
+               st.last_human_opened_at AS last_human_opened_at,
+               (SELECT count() FROM engagement FINAL
+                WHERE email_id = %(email_id)s AND kind = 'reply') AS replies,
+               (SELECT count() FROM engagement FINAL
+                WHERE email_id = %(email_id)s AND kind = 'unsubscribe') AS unsubscribes
         FROM (SELECT * FROM sends FINAL WHERE email_id = %(email_id)s) AS s
         LEFT JOIN (SELECT * FROM email_state FINAL WHERE email_id = %(email_id)s) AS st
         USING email_id
@@ -63,4 +67,6 @@ def email_opens(engine: Engine, email_id: str) -> dict[str, Any] | None:
         return None
     row = _present(rows[0])
     row["tracking"] = bool(row["tracking"])
+    row["replied"] = row["replies"] > 0
+    row["unsubscribed"] = row["unsubscribes"] > 0
     return row
