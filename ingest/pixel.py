@@ -31,10 +31,17 @@ def gif() -> Response:
     return Response(GIF, status=200, headers=NO_CACHE)
 
 
-@bp.route("/o", methods=["GET", "HEAD"], strict_slashes=False)
-@bp.route("/o/", methods=["GET", "HEAD"])
-@bp.route("/o/<path:rest>", methods=["GET", "HEAD"])
-def pixel(rest: str = "") -> Response:
+@bp.before_app_request
+def pixel_before_routing() -> Response | None:
+    """Every GET or HEAD under /o gets the GIF, whatever the path looks like (extra slashes,
+    bytes the router would not match): routing could only answer 404 there."""
+    path = request.path
+    if request.method in ("GET", "HEAD") and (path == "/o" or path.startswith("/o/")):
+        return pixel(path[3:])
+    return None
+
+
+def pixel(rest: str) -> Response:
     token = rest[:-4] if rest.endswith(".gif") else None
     email_id = current_app.extensions["opentrack.signer"].verify(token) if token else None
     if email_id is None:
