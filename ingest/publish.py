@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from ingest.metrics import PUBLISH_ERRORS, PUBLISH_SECONDS, SPOOL_BYTES, SPOOL_FULL, SPOOL_SEGMENTS
-from opentrack.events import Event
+from opentrack.events import (
+    TOPIC_ENGAGEMENT,
+    TOPIC_OPENS_RAW,
+    TOPIC_PROFILES,
+    TOPIC_SENDS,
+    Event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,22 @@ class Segment:
     opened_at: float = field(default_factory=time.monotonic)
 
 
+WARM_TOPICS = (TOPIC_OPENS_RAW, TOPIC_SENDS, TOPIC_ENGAGEMENT, TOPIC_PROFILES)
+
+
+def _warm_metadata(producer: Any, topics: tuple[str, ...], timeout: float = 10.0) -> None:
+    """Fetch the topics' metadata before the request path uses the producer: with its short
+    max_block_ms, a cold producer would fail (and spool) the first sends."""
+    deadline = time.monotonic() + timeout
+    for topic in topics:
+        while time.monotonic() < deadline:
+            try:
+                producer.partitions_for(topic)
+                break
+            except Exception:  # KafkaTimeoutError: the request is on its way, ask again
+                time.sleep(0.05)
+
+
 class Publisher:
     def __init__(
         self,
@@ -59,7 +81,11 @@ class Publisher:
         self.max_spool_bytes = max_spool_bytes
         self.max_block_ms = max_block_ms
         self._lock = threading.Lock()
-        self._producer: Any = None
+        self._producer: Any = None  # the request path's: never blocks past max_block_ms
+        self._resender: Any = None  # the spool thread's: may wait for metadata and acks
+        # Set when a delivery failed: kafka-python's idempotent producer does not recover its
+        # sequence numbers after expired batches, so the spool thread replaces it.
+        self._producer_broken = False
         self._segment: Segment | None = None
         self._open_segments: list[Segment] = []
         self._stop = threading.Event()
@@ -145,6 +171,7 @@ class Publisher:
         PUBLISH_ERRORS.labels(stage="delivery").inc()
         log.warning("delivery to Kafka failed, the spool keeps the event: %s", exc)
         segment.failed = True
+        self._producer_broken = True
 
     def _maybe_delete(self, seg: Segment) -> None:
         if seg.closed and not seg.failed and seg.acked >= seg.events:
@@ -163,10 +190,30 @@ class Publisher:
                 log.exception("spool thread error")
 
     def _tick(self) -> None:
-        if self._producer is None:
-            self._producer = self._connect()
-            if self._producer is None:
+        if self._producer_broken:
+            self._producer_broken = False
+            old_producers = (self._producer, self._resender)
+            with self._lock:
+                self._producer = None
+                # what the old producer had not acknowledged will never be: send it again
+                for seg in self._open_segments:
+                    if seg.acked < seg.events:
+                        seg.failed = True
+                if self._segment is not None:
+                    self._close_segment(self._segment)
+            for old in old_producers:
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        old.close(timeout=0)
+            self._resender = None
+        if self._resender is None:
+            self._resender = self._connect(max_block_ms=10_000)
+            if self._resender is None:
                 return
+            producer = self._connect(max_block_ms=self.max_block_ms)
+            if producer is not None:
+                _warm_metadata(producer, WARM_TOPICS)
+            self._producer = producer
         with self._lock:
             seg = self._segment
             if seg is not None and time.monotonic() - seg.opened_at > SEGMENT_SECONDS:
@@ -174,7 +221,7 @@ class Publisher:
         self._resend_failed()
         self._update_gauges()
 
-    def _connect(self) -> Any:
+    def _connect(self, max_block_ms: int) -> Any:
         from kafka import KafkaProducer
 
         try:
@@ -182,7 +229,7 @@ class Publisher:
                 bootstrap_servers=self._bootstrap(),
                 acks="all",
                 enable_idempotence=True,
-                max_block_ms=self.max_block_ms,
+                max_block_ms=max_block_ms,
                 linger_ms=2,
                 compression_type=None,
                 delivery_timeout_ms=30000,
@@ -229,14 +276,15 @@ class Publisher:
                     if not line.endswith("\n"):
                         break  # torn last write of a killed process: never acknowledged
                     rec = json.loads(line)
-                    futures.append(self._producer.send(
+                    futures.append(self._resender.send(
                         rec["t"], key=rec["k"].encode(), value=rec["v"].encode()
                     ))
-                self._producer.flush(timeout=30)
+                self._resender.flush(timeout=10)
                 for f in futures:
                     f.get(timeout=0)
             except Exception as exc:
                 log.info("spool delivery of %s paused, Kafka not available: %s", path.name, exc)
+                self._producer_broken = True
                 return False
             path.unlink()
             log.info("delivered %d spooled events from %s", len(futures), path.name)
@@ -260,11 +308,13 @@ class Publisher:
         with self._lock:
             if self._segment is not None:
                 self._close_segment(self._segment)
-        if self._producer is not None:
+        for producer in (self._producer, self._resender):
+            if producer is None:
+                continue
             with contextlib.suppress(Exception):
-                self._producer.flush(timeout=timeout)
+                producer.flush(timeout=timeout)
             with contextlib.suppress(Exception):
-                self._producer.close(timeout=timeout)
+                producer.close(timeout=timeout)
         with self._lock:
             for seg in list(self._open_segments):
                 self._maybe_delete(seg)

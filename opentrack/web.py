@@ -26,7 +26,7 @@ from warehouse.engines import reader_engine
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a batch of 1,000 sends fits comfortably
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, eager: bool = True) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("opentrack")
     app.config["OPENTRACK"] = settings
@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["opentrack.publisher"] = PerProcess(
         lambda: Publisher(lambda: settings.bootstrap, settings.data_dir / "spool")
     )
+    if eager:  # deliver what a killed predecessor left in the spool, without waiting for a load
+        app.extensions["opentrack.publisher"]()
     app.extensions["opentrack.warehouse"] = PerProcess(
         lambda: reader_engine(settings.clickhouse_url, settings.warehouse_socket)
     )

@@ -84,8 +84,10 @@ def test_what_is_sent_varies_like_a_crm(workload: Workload) -> None:
     assert {s.template_id for s in sends} == set(TEMPLATES)
     assert {s.person_type for s in sends} == {"candidate", "contact"}
     for template_id, template in TEMPLATES.items():
-        used = {s.subject for s in sends if s.template_id == template_id}
-        assert used == {subject for subject, _ in template.subjects}
+        used = [s for s in sends if s.template_id == template_id]
+        assert {s.subject for s in used} == {subject for subject, _ in template.subjects}
+        if template.person_type is not None:
+            assert {s.person_type for s in used} == {template.person_type}
     assert {s.sequence_step for s in sends} == {None, 1, 2, 3}
     assert all((s.sequence_id is None) == (s.sequence_step is None) for s in sends)
     assert len({s.person_id for s in sends}) < len(sends)  # people get several emails

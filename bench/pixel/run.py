@@ -125,6 +125,45 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], procs: Processes, name: s
     raise RuntimeError(f"{name} did not answer {url} in {timeout:.0f}s:\n{procs.log_tail(name)}")
 
 
+# -- CPU accounting ----------------------------------------------------------------------------
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy (all processes, all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this script's descendants, alive or reaped: subtracted from the machine's
+    busy time, it leaves the load of other processes, which skews a 2-CPU benchmark."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(stat[1])
+        # utime stime cutime cstime: reaped children (granian, nginx workers) count too
+        times[pid] = sum(int(x) for x in stat[11:15]) / tick
+    me = os.getpid()
+    total = 0.0
+    for pid, seconds in times.items():
+        p = pid
+        while p > 1 and p != me:
+            p = parents.get(p, 0)
+        if p == me and pid != me:
+            total += seconds
+    usage = os.times()
+    return total + usage.children_user + usage.children_system
+
+
 # -- wrk ---------------------------------------------------------------------------------------
 @dataclass
 class Result:
@@ -134,6 +173,7 @@ class Result:
     p99_ms: float
     errors: int
     non2xx: int
+    other_load: float = 0.0  # CPUs' worth of other processes' work during the run
 
     @property
     def rps(self) -> float:
@@ -144,7 +184,10 @@ def wrk(url: str, args: argparse.Namespace, seconds: float, log: Path) -> Result
     cmd = ["wrk", "-t", str(min(args.threads, args.connections)), "-c", str(args.connections),
            "-d", f"{seconds:g}s", "--timeout", "5s", "--latency",
            "-s", str(HERE / "wrk_report.lua"), url]
+    busy, own, started = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    elapsed = time.monotonic() - started
+    other = (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}\n")
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
@@ -158,6 +201,7 @@ def wrk(url: str, args: argparse.Namespace, seconds: float, log: Path) -> Result
         p99_ms=data["p99_us"] / 1000,
         errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
         non2xx=data["status"],
+        other_load=max(0.0, other / elapsed),
     )
 
 
@@ -370,7 +414,8 @@ class Bench:
         if result.errors or result.non2xx:
             flags = f"  socket errors {result.errors}, non-2xx {result.non2xx}"
         print(f"  round {round_no} {key} {TARGETS[key]:<30} {result.rps:>9,.0f} req/s  "
-              f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms{flags}", flush=True)
+              f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+              f"other load {result.other_load:4.2f} CPU{flags}", flush=True)
         return result
 
     def nginx(self, round_no: int) -> None:
@@ -453,7 +498,8 @@ def report(bench: Bench) -> None:
     print(f"\nMedians over {runs} run(s); wrk {bench.args.connections} connections, "
           f"{bench.args.threads} threads, {bench.args.duration:g} s, loopback, "
           f"{os.cpu_count()} CPUs shared by wrk and the servers\n")
-    print(f"{'':2}{'target':<32}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}   req/s per run")
+    print(f"{'':2}{'target':<32}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'other':>7}"
+          "   req/s per run")
     for key, name in TARGETS.items():
         if key not in res:
             continue
@@ -463,8 +509,9 @@ def report(bench: Bench) -> None:
         note = f"  ({errors} errors/non-2xx)" if errors else ""
         print(f"{key:<2}{name:<32}{median([r.rps for r in rs]):>10,.0f}"
               f"{median([r.p50_ms for r in rs]):>9.2f}{median([r.p99_ms for r in rs]):>9.2f}"
-              f"   {per_run}{note}")
-    print()
+              f"{median([r.other_load for r in rs]):>7.2f}   {per_run}{note}")
+    print("(other: CPUs' worth of work by processes this benchmark did not start, during the"
+          " load; above ~0.2 the numbers are skewed)\n")
     for num, den in (("c", "a"), ("c", "b"), ("c", "e")):
         if num in res and den in res:
             ratio = median([r.rps for r in res[num]]) / median([r.rps for r in res[den]])
