@@ -98,25 +98,29 @@ class Publisher:
     def publish(self, event: Event) -> None:
         """Spool the event and hand it to the producer; never blocks longer than a file write
         and ``max_block_ms``."""
+        self.publish_record(event.topic, event.key, event.to_bytes())
+
+    def publish_tombstone(self, topic: str, key: str) -> None:
+        """A null value: on a compacted topic, compaction then removes the key for good."""
+        self.publish_record(topic, key, None)
+
+    def publish_record(self, topic: str, key: str, value: bytes | None) -> None:
         started = time.perf_counter()
-        value = event.to_bytes()
-        key = event.key.encode()
+        line = json.dumps({"t": topic, "k": key, "v": value.decode() if value else None})
         with self._lock:
             segment = self._writable_segment()
             if segment is not None:
-                segment.file.write(
-                    json.dumps({"t": event.topic, "k": event.key, "v": value.decode()}) + "\n"
-                )
+                segment.file.write(line + "\n")
                 segment.file.flush()
                 segment.events += 1
             producer = self._producer
         try:
-            self._hand_over(producer, segment, event.topic, key, value)
+            self._hand_over(producer, segment, topic, key.encode(), value)
         finally:
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
     def _hand_over(
-        self, producer: Any, segment: Segment | None, topic: str, key: bytes, value: bytes
+        self, producer: Any, segment: Segment | None, topic: str, key: bytes, value: bytes | None
     ) -> None:
         if producer is None:  # not connected yet: the spool thread delivers it
             if segment is not None:
@@ -277,7 +281,8 @@ class Publisher:
                         break  # torn last write of a killed process: never acknowledged
                     rec = json.loads(line)
                     futures.append(self._resender.send(
-                        rec["t"], key=rec["k"].encode(), value=rec["v"].encode()
+                        rec["t"], key=rec["k"].encode(),
+                        value=rec["v"].encode() if rec["v"] is not None else None,
                     ))
                 self._resender.flush(timeout=10)
                 for f in futures:

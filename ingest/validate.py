@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from opentrack.events import PERSON_TYPES, SendRegistered
+from opentrack.http import Invalid
+from opentrack.times import parse_time
 from opentrack.tokens import EMAIL_ID_PATTERN
 
-
-class Invalid(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-def parse_time(value: Any, field: str) -> int:
-    """ISO 8601 with a timezone (or 'Z'), to epoch milliseconds UTC."""
-    if not isinstance(value, str) or not value:
-        raise Invalid(field, "expected an ISO 8601 time such as 2026-12-04T09:30:00Z")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise Invalid(field, f"{value!r} is not an ISO 8601 time") from None
-    if parsed.tzinfo is None:
-        raise Invalid(field, "the time needs a timezone, for example a trailing Z for UTC")
-    if not 1990 <= parsed.year <= 2200:
-        raise Invalid(field, "the year is out of range")
-    return int(parsed.astimezone(UTC).timestamp() * 1000)
-
-
-def format_time(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+__all__ = ["Invalid", "parse_time", "text", "email_id", "json_object", "send"]
 
 
 def text(body: dict[str, Any], field: str, max_length: int = 128, required: bool = True) -> Any:

@@ -19,6 +19,7 @@ TOPIC_OPENS_PROCESSED = "opens.processed"
 TOPIC_ENGAGEMENT = "engagement.raw"
 TOPIC_EMAIL_STATE = "email_state"
 TOPIC_PROFILES = "profiles.settings"
+TOPIC_ERASURES = "erasures"
 
 PERSON_TYPES = ("candidate", "contact")
 LOAD_CLASSES = ("human", "proxy", "machine")
@@ -40,6 +41,7 @@ _ALLOWED: dict[str, tuple[type, ...]] = {
     "str | None": (str, type(None)),
     "int | None": (int, type(None)),
     "dict[str, str]": (dict,),
+    "list[str]": (list,),
 }
 
 
@@ -182,6 +184,27 @@ class ProfileTracking(Event):
         return self.profile_id
 
 
+@dataclass(slots=True)
+class Erasure(Event):
+    """A person's data is to be erased: their sends and everything derived from them.
+
+    The worker forgets the emails' state (keeping only that they were erased, so late loads
+    are dropped) when it sees the sends' tombstones on ``emails.sent``; the loader deletes
+    the rows and refuses any that arrive later for these emails.
+    """
+
+    topic: ClassVar[str] = TOPIC_ERASURES
+    event_id: str
+    person_type: str
+    person_id: str
+    email_ids: list[str]
+    at: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.person_type}:{self.person_id}"
+
+
 ALL_TOPICS = (
     TOPIC_SENDS,
     TOPIC_OPENS_RAW,
@@ -189,4 +212,5 @@ ALL_TOPICS = (
     TOPIC_ENGAGEMENT,
     TOPIC_EMAIL_STATE,
     TOPIC_PROFILES,
+    TOPIC_ERASURES,
 )

@@ -7,6 +7,15 @@ from typing import Any
 from flask import Response, jsonify
 
 
+class Invalid(ValueError):
+    """Bad input, with the field to name in the 400 answer."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 def json_error(status: int, message: str, field: str | None = None, **extra: Any) -> Response:
     body: dict[str, Any] = {"error": message}
     if field is not None:

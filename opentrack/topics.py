@@ -20,6 +20,8 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     # One record per email / profile is all a rebuild needs: compacted, never deleted.
     events.TOPIC_SENDS: COMPACTED,
     events.TOPIC_PROFILES: COMPACTED,
+    # Erasure requests are kept: a rebuilt warehouse must apply them again.
+    events.TOPIC_ERASURES: FOREVER,
     events.TOPIC_EMAIL_STATE: COMPACTED,
     # Derived, re-creatable by a replay: a week is enough for the loader to catch up.
     events.TOPIC_OPENS_PROCESSED: {"retention.ms": str(7 * 24 * 3600 * 1000)},

@@ -107,6 +107,7 @@ class EmailRecord:
     sent_at: int | None = None
     profile_id: str | None = None
     tracking: bool = True
+    erased: bool = False  # the person was erased: nothing is kept, later loads are dropped
     loads: list[Load] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
     folded: Folded = field(default_factory=Folded)
@@ -114,6 +115,8 @@ class EmailRecord:
 
     # -- storage -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        if self.erased:
+            return {"erased": True}
         f = self.folded
         return {
             "sent_at": self.sent_at,
@@ -130,6 +133,8 @@ class EmailRecord:
     def from_dict(cls, email_id: str, data: dict[str, Any] | None) -> EmailRecord:
         if not data:
             return cls(email_id)
+        if data.get("erased"):
+            return cls(email_id, erased=True)
         return cls(
             email_id=email_id,
             sent_at=data.get("sent_at"),
@@ -164,6 +169,11 @@ class Outcome:
     tracking_off: int = 0  # loads dropped because tracking was off for the email's profile
 
 
+def erase(email_id: str) -> EmailRecord:
+    """What is left of an erased email: the fact, nothing of its person or loads."""
+    return EmailRecord(email_id, erased=True)
+
+
 def apply_send(
     record: EmailRecord,
     send: SendRegistered,
@@ -172,7 +182,7 @@ def apply_send(
     tracked: TrackingAt = always_tracked,
 ) -> Outcome:
     """Learn the send; loads that arrived before it are processed now, in time order."""
-    if record.send_known:  # registering the same send again changes nothing
+    if record.send_known or record.erased:  # the same send again changes nothing
         return Outcome()
     record.sent_at = send.sent_at
     record.profile_id = send.profile_id
@@ -196,7 +206,7 @@ def apply_load(
     window_ms: int,
     tracked: TrackingAt = always_tracked,
 ) -> Outcome:
-    if record.has_seen(raw.event_id):
+    if record.erased or record.has_seen(raw.event_id):
         return Outcome(replay=True)
     if not record.send_known:
         if len(record.pending) < MAX_PENDING:

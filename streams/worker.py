@@ -81,6 +81,10 @@ def create_worker_app(
             key = event.key.decode() if event.key else ""
             topic = event.message.topic
             try:
+                if topic == TOPIC_SENDS and event.value is None:  # tombstone: erased
+                    emails[key] = state.erase(key).to_dict()
+                    WORKER_EVENTS.labels(topic=topic, outcome="erased").inc()
+                    continue
                 if topic == TOPIC_SENDS:
                     send = SendRegistered.from_bytes(event.value)
                     key = send.email_id

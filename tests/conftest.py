@@ -125,3 +125,31 @@ def warehouse_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     migrate(engine)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def server_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """A second stack on a ClickHouse server (Debian's 18.16) instead of chDB, with its own
+    broker and server: the parity and ClickHouse-outage tests use it."""
+    from warehouse.clickhouse_local import start_clickhouse_server
+
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka-server-stack"), partitions=4)
+    broker.start()
+    ensure_topics(broker.bootstrap, 4)
+    clickhouse = start_clickhouse_server(tmp_path_factory.mktemp("clickhouse-stack"))
+    env = stack_env(tmp_path_factory.mktemp("server-stack"), broker.bootstrap,
+                    OPENTRACK_CLICKHOUSE_URL=clickhouse.url)
+    stack = Stack(Settings.from_env(env), env)
+    try:
+        stack.start()
+    except Exception:
+        stack.stop()
+        clickhouse.stop()
+        broker.stop()
+        raise
+    running = RunningStack(stack)
+    running.clickhouse = clickhouse
+    yield running
+    stack.stop()
+    clickhouse.stop()
+    broker.stop()

@@ -114,6 +114,6 @@ def test_bad_registration_is_a_400_naming_the_field(running_stack) -> None:
 
 
 def _ms(iso: str) -> int:
-    from ingest.validate import parse_time
+    from opentrack.times import parse_time
 
     return parse_time(iso, "t")

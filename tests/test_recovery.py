@@ -9,9 +9,9 @@ import shutil
 import signal
 import uuid
 
-from ingest.validate import parse_time
 from kafka import KafkaProducer
 from opentrack.events import RawOpen
+from opentrack.times import parse_time
 from opentrack.truth import expected_state
 from streams.classify_adapter import classifier_from_settings
 

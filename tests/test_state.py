@@ -161,3 +161,14 @@ def test_same_events_processed_twice_in_different_orders_agree() -> None:
     rnd.shuffle(shuffled)
     b, _ = process([*shuffled[:50], send(), *shuffled[50:]])
     assert state_of(a) == state_of(b) == reference(loads)
+
+
+def test_erased_email_keeps_nothing_and_drops_later_events() -> None:
+    from streams.state import erase
+
+    record = erase("e1")
+    assert record.to_dict() == {"erased": True}
+    restored = EmailRecord.from_dict("e1", record.to_dict())
+    assert apply_load(restored, load("z", SENT + 5), by_agent, WINDOW).replay
+    assert apply_send(restored, send(), by_agent, WINDOW).state is None
+    assert restored.to_dict() == {"erased": True}

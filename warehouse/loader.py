@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -26,6 +27,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_any, wait_exponenti
 
 from opentrack import events
 from warehouse.engines import Engine
+from warehouse.erasure import erase_emails, erased_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,20 @@ SINKS: dict[str, tuple[str, tuple[str, ...], type[events.Event], Callable[[Any],
 }
 
 
-def rows_by_table(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[tuple[Any, ...]]]:
-    """(topic, value) pairs → rows per table; malformed values are skipped and counted."""
+def rows_by_table(
+    messages: Iterable[tuple[str, bytes]], erased: frozenset[str] | set[str] = frozenset()
+) -> dict[str, list[tuple[Any, ...]]]:
+    """(topic, value) pairs → rows per table; malformed values are skipped and counted, and
+    so are rows of erased emails (still in flight when the erasure was applied)."""
     tables: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for topic, value in messages:
         table, _, event_type, to_row = SINKS[topic]
         try:
-            tables[table].append(to_row(event_type.from_bytes(value)))
+            event = event_type.from_bytes(value)
+            if event.email_id in erased:  # type: ignore[attr-defined]
+                LOADER_SKIPPED.labels(topic=topic).inc()
+                continue
+            tables[table].append(to_row(event))
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
             LOADER_SKIPPED.labels(topic=topic).inc()
             log.warning("skipping malformed message on %s: %s", topic, exc)
@@ -114,13 +123,22 @@ def write_batch(engine: Engine, tables: dict[str, list[tuple[Any, ...]]]) -> Non
         LOADER_ROWS.labels(table=table).inc(len(rows))
 
 
+def erasure_of(value: bytes) -> events.Erasure | None:
+    try:
+        return events.Erasure.from_bytes(value)
+    except (ValueError, TypeError, KeyError) as exc:
+        LOADER_SKIPPED.labels(topic=events.TOPIC_ERASURES).inc()
+        log.warning("skipping malformed erasure: %s", exc)
+        return None
+
+
 class Loader:
     def __init__(
         self,
         engine: Engine,
         bootstrap: str,
         group_id: str = "opentrack-warehouse",
-        topics: Iterable[str] = tuple(SINKS),
+        topics: Iterable[str] = (*SINKS, events.TOPIC_ERASURES),
         max_records: int = 20000,
         poll_ms: int = 50,
     ) -> None:
@@ -131,6 +149,7 @@ class Loader:
         self.max_records = max_records
         self.poll_ms = poll_ms
         self.stopping = threading.Event()
+        self.erased: set[str] = set()
 
     def _consumer(self) -> Any:
         from kafka import KafkaConsumer
@@ -147,8 +166,8 @@ class Loader:
             isolation_level="read_committed",
         )
 
-    def _write_with_retry(self, tables: dict[str, list[tuple[Any, ...]]]) -> bool:
-        """Write until it works; False only when asked to stop first (nothing committed)."""
+    def _retry(self, write: Callable[[], Any]) -> bool:
+        """Until it works; False only when asked to stop first (and nothing is committed)."""
         retrying = Retrying(
             wait=wait_exponential(multiplier=0.2, max=5),
             retry=retry_if_exception_type(Exception),
@@ -162,14 +181,20 @@ class Loader:
         try:
             for attempt in retrying:
                 with attempt:
-                    write_batch(self.engine, tables)
+                    write()
         except Exception:
             return False
         return True
 
+    def _apply(self, rows: dict[str, list[tuple[Any, ...]]], erased: set[str]) -> None:
+        write_batch(self.engine, rows)
+        erase_emails(self.engine, erased)
+
     def run(self) -> None:
         from kafka.errors import CommitFailedError
 
+        if not self._retry(lambda: self.erased.update(erased_ids(self.engine))):
+            return
         consumer = self._consumer()
         log.info("loader consuming %s", ", ".join(self.topics))
         try:
@@ -182,7 +207,13 @@ class Loader:
                     if rec.value is not None
                 ]
                 started = time.perf_counter()
-                if not self._write_with_retry(rows_by_table(messages)):
+                erasures = [erasure_of(v) for t, v in messages if t == events.TOPIC_ERASURES]
+                erased_now = {i for e in erasures if e for i in e.email_ids}
+                self.erased |= erased_now
+                rows = rows_by_table(
+                    ((t, v) for t, v in messages if t != events.TOPIC_ERASURES), self.erased
+                )
+                if not self._retry(partial(self._apply, rows, erased_now)):
                     break
                 LOADER_BATCH_SECONDS.observe(time.perf_counter() - started)
                 LOADER_BATCH_ROWS.observe(len(messages))

@@ -50,6 +50,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         PARTITION BY {_MONTH.format(col="at")}
         ORDER BY (email_id, kind, event_id)""",
     ]),
+    (2, "erased emails", [
+        """CREATE TABLE IF NOT EXISTS erased_emails (email_id String, erased_at Int64)
+        ENGINE = ReplacingMergeTree ORDER BY email_id""",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

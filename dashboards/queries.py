@@ -1,0 +1,182 @@
+"""The counting, in ClickHouse SQL that runs on chDB and on the 18.16 server alike.
+
+Portable on purpose: no window functions, no DateTime64, no JSON functions, one JOIN per
+SELECT (18.16 cannot chain them), ``LIMIT offset, n``. Every table is a ReplacingMergeTree
+read with ``FINAL``; filters on columns outside the sorting key sit in an outer SELECT, so
+they see the newest version of a row, never an older one. Values travel as ``%(name)s``
+parameters only; the few identifiers that vary (grouping columns, sort orders) come from
+the fixed tables below, never from a request.
+
+Counted opens are the deduplicated loads (``counted = 1``); a "human" open is one not
+classified ``machine`` (a proxy open is a person reading), as in the per-email state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dashboards.params import Filters
+
+# grouping -> (send columns that make its key, extra condition on the sends)
+GROUP_COLUMNS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "template": (("template_id",), None),
+    "subject": (("subject",), None),
+    "sequence": (("sequence_id",), "sequence_id != ''"),
+    "sequence_step": (("sequence_id", "sequence_step"), "sequence_id != ''"),
+}
+
+FOLLOW_UP_ORDER = {
+    "recent": "last_human_opened_at DESC, human_open_count DESC, email_id",
+    "reopened": "human_open_count DESC, last_human_opened_at DESC, email_id",
+}
+
+FOLLOW_UP_COLUMNS = (
+    "email_id", "profile_id", "person_type", "person_id", "template_id", "subject",
+    "sequence_id", "sequence_step", "sent_at",
+)
+
+_HUMAN = "counted = 1 AND load_class != 'machine'"
+
+
+def send_scope(filters: Filters, extra: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause (and its parameters) that picks the sends an analysis covers."""
+    conditions: list[str] = []
+    params: dict[str, Any] = {}
+    for column, op, name, value in (
+        ("sent_at", ">=", "start", filters.start),
+        ("sent_at", "<", "end", filters.end),
+        ("profile_id", "=", "profile_id", filters.profile_id),
+        ("person_type", "=", "person_type", filters.person_type),
+    ):
+        if value is not None:
+            conditions.append(f"{column} {op} %({name})s")
+            params[name] = value
+    for column, name, ids in (
+        ("template_id", "template_ids", filters.template_ids),
+        ("sequence_id", "sequence_ids", filters.sequence_ids),
+    ):
+        if ids:
+            conditions.append(f"has(%({name})s, {column})")
+            params[name] = list(ids)
+    if extra:
+        conditions.append(extra)
+    return " AND ".join(conditions) or "1", params
+
+
+def _sends(columns: tuple[str, ...], where: str) -> str:
+    return f"SELECT {', '.join(columns)} FROM (SELECT * FROM sends FINAL) WHERE {where}"
+
+
+def _scoped(table: str, where: str) -> str:
+    """Rows of ``table`` (FINAL) for the emails in scope: email_id is its key's prefix, so
+    this reads only their granules."""
+    return (f"SELECT * FROM {table} FINAL WHERE email_id IN "
+            f"(SELECT email_id FROM ({_sends(('email_id',), where)}))")
+
+
+def per_email(columns: tuple[str, ...], where: str) -> str:
+    """One row per send in scope: ``columns`` of the send, its counted opens (all and human),
+    its first human open, and whether it got a reply or an unsubscribe."""
+    carried = ", ".join(("email_id", *columns))
+    opens = f"""
+        SELECT email_id, countIf(counted = 1) AS open_count,
+               countIf({_HUMAN}) AS human_open_count,
+               minIf(received_at, {_HUMAN}) AS first_human_at
+        FROM ({_scoped('opens', where)}) GROUP BY email_id"""
+    engagement = f"""
+        SELECT email_id, max(kind = 'reply') AS replied,
+               max(kind = 'unsubscribe') AS unsubscribed
+        FROM ({_scoped('engagement', where)}) GROUP BY email_id"""
+    return f"""
+        SELECT {carried}, open_count, human_open_count, first_human_at, replied, unsubscribed
+        FROM (
+            SELECT {carried}, open_count, human_open_count, first_human_at
+            FROM ({_sends(("email_id", *columns), where)}) AS s
+            LEFT JOIN ({opens}) AS o USING email_id
+        ) AS so
+        LEFT JOIN ({engagement}) AS g USING email_id"""
+
+
+_GROUP_TOTALS = """
+    count() AS sent, sum(tracking) AS tracked,
+    countIf(open_count > 0) AS opened, countIf(human_open_count > 0) AS human_opened,
+    sum(open_count) AS total_opens, sum(human_open_count) AS human_opens,
+    countIf(replied = 1) AS replies, countIf(unsubscribed = 1) AS unsubscribes,
+    quantilesExactIf(0.5, 0.9)(greatest(first_human_at - sent_at, 0), first_human_at > 0)
+        AS first_human_open_ms"""
+
+
+def compare(by: str, filters: Filters) -> tuple[str, dict[str, Any]]:
+    """Counts per group of ``by``: the numbers every rate and test is made from."""
+    keys, extra = GROUP_COLUMNS[by]
+    where, params = send_scope(filters, extra)
+    key_list = ", ".join(keys)
+    sql = f"""
+        SELECT {key_list}, {_GROUP_TOTALS}
+        FROM ({per_email((*keys, "sent_at", "tracking"), where)})
+        GROUP BY {key_list}"""
+    return sql, params
+
+
+def send_timing(filters: Filters, tz: str) -> tuple[str, dict[str, Any]]:
+    """The same totals per weekday (1 = Monday) and hour of sending, in ``tz``."""
+    where, params = send_scope(filters)
+    sql = f"""
+        SELECT toDayOfWeek(t) AS weekday, toHour(t) AS hour, {_GROUP_TOTALS}
+        FROM (
+            SELECT *, toDateTime(intDiv(sent_at, 1000), %(tz)s) AS t
+            FROM ({per_email(("sent_at", "tracking"), where)})
+        )
+        GROUP BY weekday, hour"""
+    return sql, {**params, "tz": tz}
+
+
+def open_timing(filters: Filters, tz: str) -> tuple[str, dict[str, Any]]:
+    """Counted opens of the sends in scope per weekday and hour of opening, in ``tz``."""
+    where, params = send_scope(filters)
+    sql = f"""
+        SELECT toDayOfWeek(t) AS weekday, toHour(t) AS hour,
+               countIf(load_class != 'machine') AS human_opens,
+               countIf(load_class = 'machine') AS machine_opens
+        FROM (
+            SELECT toDateTime(intDiv(received_at, 1000), %(tz)s) AS t, load_class, counted
+            FROM ({_scoped('opens', where)})
+        )
+        WHERE counted = 1
+        GROUP BY weekday, hour"""
+    return sql, {**params, "tz": tz}
+
+
+def _follow_up_from(filters: Filters) -> tuple[str, dict[str, Any]]:
+    """Sends in scope that a person opened and nobody replied to or unsubscribed from."""
+    where, params = send_scope(filters)
+    sql = f"""
+        FROM (
+            SELECT * FROM ({_sends(FOLLOW_UP_COLUMNS, where)})
+            WHERE email_id NOT IN (SELECT email_id FROM ({_scoped('engagement', where)}))
+        ) AS s
+        INNER JOIN (
+            SELECT email_id, open_count, human_open_count, last_human_opened_at
+            FROM ({_scoped('email_state', where)})
+            WHERE human_open_count > 0
+        ) AS st USING email_id"""
+    return sql, params
+
+
+def follow_ups(
+    filters: Filters, sort: str, limit: int, offset: int
+) -> tuple[str, dict[str, Any]]:
+    source, params = _follow_up_from(filters)
+    sql = f"""
+        SELECT {', '.join(FOLLOW_UP_COLUMNS)}, open_count, human_open_count,
+               last_human_opened_at
+        {source}
+        ORDER BY {FOLLOW_UP_ORDER[sort]}
+        LIMIT %(offset)s, %(limit)s"""
+    return sql, {**params, "offset": offset, "limit": limit}
+
+
+def follow_up_counts(filters: Filters) -> tuple[str, dict[str, Any]]:
+    """How long each profile's queue is."""
+    source, params = _follow_up_from(filters)
+    return f"SELECT profile_id, count() AS follow_ups {source} GROUP BY profile_id", params

@@ -1,0 +1,107 @@
+"""The Opened folder and a person's emails, on both engines: order, filters, keyset paging."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from opentrack.events import EmailState, ProcessedOpen, SendRegistered, now_ms
+from warehouse import reads
+from warehouse.loader import rows_by_table, write_batch
+
+T0 = 1_767_603_600_000  # 2026-01-05T09:00:00Z
+MIN = 60_000
+
+
+def write(engine, *events) -> None:
+    write_batch(engine, rows_by_table((e.topic, e.to_bytes()) for e in events))
+
+
+def opened(engine, email_id: str, profile: str, t: int, revision: int = 1, machine=False,
+           person: str = "c1") -> None:
+    """A send and one counted open at ``t`` (human unless ``machine``), as the worker emits."""
+    write(
+        engine,
+        SendRegistered(email_id, profile, "candidate", person, "t1", "s", T0, registered_at=T0),
+        ProcessedOpen(f"ev-{email_id}-{t}", email_id, t, "machine" if machine else "human", "",
+                      True, "fp", revision=revision),
+        EmailState(email_id, True, 1, 0 if machine else 1, 1 if machine else 0, 1, t, t,
+                   None if machine else t, revision=revision),
+    )
+
+
+def reopen(engine, email_id: str, first: int, t: int) -> None:
+    write(engine,
+          ProcessedOpen(f"ev-{email_id}-{t}", email_id, t, "human", "", True, "fp2", revision=2),
+          EmailState(email_id, True, 2, 2, 0, 2, first, t, t, revision=2))
+
+
+@pytest.fixture
+def profile() -> str:
+    return f"prof-{uuid.uuid4().hex[:8]}"
+
+
+def ids(page: reads.Page) -> list[str]:
+    return [item["email_id"] for item in page.items]
+
+
+def test_folder_newest_first_filters_and_human_only(warehouse_engine, profile) -> None:
+    for i in range(5):
+        opened(warehouse_engine, f"{profile}-e{i}", profile, T0 + i * MIN)
+    opened(warehouse_engine, f"{profile}-bot", profile, T0 + 10 * MIN, machine=True)
+    opened(warehouse_engine, f"{profile}-other", "another-profile", T0 + 11 * MIN)
+
+    page = reads.opened_folder(warehouse_engine, profile_id=profile)
+    assert ids(page) == [f"{profile}-e{i}" for i in (4, 3, 2, 1, 0)]
+    assert page.next_cursor is None
+    assert page.items[0]["last_opened_at"] == "2026-01-05T09:04:00.000Z"
+    everything = reads.opened_folder(warehouse_engine, profile_id=profile, human_only=False)
+    assert ids(everything)[0] == f"{profile}-bot"
+    window = reads.opened_folder(warehouse_engine, profile_id=profile,
+                                 since=T0 + MIN, until=T0 + 3 * MIN)
+    assert ids(window) == [f"{profile}-e2", f"{profile}-e1"]
+
+
+def test_folder_paging_while_opens_keep_arriving(warehouse_engine, profile) -> None:
+    n = 23
+    for i in range(n):
+        opened(warehouse_engine, f"{profile}-p{i:02d}", profile, T0 + i * MIN)
+    seen: list[str] = []
+    page = reads.opened_folder(warehouse_engine, profile_id=profile, limit=5)
+    while True:
+        seen += ids(page)
+        # between pages, now: old emails are opened again, new emails get opened
+        k = len(seen)
+        reopen(warehouse_engine, f"{profile}-p{k % n:02d}", T0 + (k % n) * MIN, now_ms() + k)
+        opened(warehouse_engine, f"{profile}-new{k}", profile, now_ms() + k)
+        if page.next_cursor is None:
+            break
+        page = reads.opened_folder(warehouse_engine, profile_id=profile, limit=5,
+                                   cursor=page.next_cursor)
+    assert sorted(seen) == sorted(f"{profile}-p{i:02d}" for i in range(n))  # once each
+    assert len(seen) == len(set(seen))
+
+
+def test_person_emails_newest_send_first_paged(warehouse_engine) -> None:
+    person = f"person-{uuid.uuid4().hex[:8]}"
+    for i in range(7):
+        write(warehouse_engine, SendRegistered(f"{person}-m{i}", "p", "contact", person, "t", "s",
+                                               T0 + i * MIN, registered_at=T0))
+    opened(warehouse_engine, f"{person}-m3", "p", T0 + 100 * MIN, person=person)  # candidate
+    got: list[str] = []
+    page = reads.person_emails(warehouse_engine, "contact", person, limit=3)
+    while True:
+        got += ids(page)
+        if page.next_cursor is None:
+            break
+        page = reads.person_emails(warehouse_engine, "contact", person, limit=3,
+                                   cursor=page.next_cursor)
+    assert got == [f"{person}-m{i}" for i in (6, 5, 4, 3, 2, 1, 0)]
+    assert reads.person_emails(warehouse_engine, "candidate", person).items[0]["opened"] is True
+
+
+@pytest.mark.parametrize("cursor", ["x", "eyJ0IjoxfQ==", "e30=", "bnVsbA=="])
+def test_bad_cursors_are_refused(warehouse_engine, cursor) -> None:
+    with pytest.raises(reads.BadCursor):
+        reads.opened_folder(warehouse_engine, cursor=cursor)
