@@ -25,6 +25,7 @@ from opentrack.events import (
     TOPIC_SENDS,
     RawOpen,
     SendRegistered,
+    now_ms,
 )
 from opentrack.profiles import ProfileFollower, ProfileSwitches
 from opentrack.settings import Settings
@@ -121,9 +122,11 @@ def create_worker_app(
 
 async def _switches_known(switches: ProfileSwitches, at_ms: int, patience: float = 2.0) -> None:
     """Wait (briefly) until the tracking switches up to the load's time are known, so that a
-    load that arrives just after a switch is judged by it."""
+    load that arrives just after a switch is judged by it. A load stamped in the future
+    (a skewed clock) waits only for the switches up to now."""
+    target = min(at_ms, now_ms())
     waited = 0.0
-    while switches.known_until < at_ms and waited < patience:
+    while switches.known_until < target and waited < patience:
         await asyncio.sleep(0.01)
         waited += 0.01
 
