@@ -20,6 +20,7 @@ TOPIC_ENGAGEMENT = "engagement.raw"
 TOPIC_EMAIL_STATE = "email_state"
 TOPIC_PROFILES = "profiles.settings"
 TOPIC_ERASURES = "erasures"
+TOPIC_OPENS_REPLAY = "opens.replay"
 
 PERSON_TYPES = ("candidate", "contact")
 LOAD_CLASSES = ("human", "proxy", "machine")
@@ -42,6 +43,7 @@ _ALLOWED: dict[str, tuple[type, ...]] = {
     "int | None": (int, type(None)),
     "dict[str, str]": (dict,),
     "list[str]": (list,),
+    "dict[str, Any]": (dict,),
 }
 
 
@@ -205,6 +207,21 @@ class Erasure(Event):
         return f"{self.person_type}:{self.person_id}"
 
 
+@dataclass(slots=True)
+class ReplayedOpen(Event):
+    """A raw open sent again by ``opentrack replay``, for the worker that owns its email:
+    ``reclassify`` asks it to apply the current rules, ``emit`` to emit the load and the
+    state again for the warehouse. Kept apart from ``opens.raw``, which stays the record of
+    what really happened."""
+
+    topic: ClassVar[str] = TOPIC_OPENS_REPLAY
+    replay_id: str
+    email_id: str
+    raw: dict[str, Any]
+    reclassify: bool = False
+    emit: bool = False
+
+
 ALL_TOPICS = (
     TOPIC_SENDS,
     TOPIC_OPENS_RAW,
@@ -213,4 +230,5 @@ ALL_TOPICS = (
     TOPIC_EMAIL_STATE,
     TOPIC_PROFILES,
     TOPIC_ERASURES,
+    TOPIC_OPENS_REPLAY,
 )

@@ -63,6 +63,7 @@ class Settings:
     web_workers: int
     web_threads: int
     log_level: str
+    rules_path: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -89,6 +90,7 @@ class Settings:
             web_workers=int(_number(env, "OPENTRACK_WEB_WORKERS", 2, minimum=1)),
             web_threads=int(_number(env, "OPENTRACK_WEB_THREADS", 4, minimum=1)),
             log_level=(env.get("OPENTRACK_LOG_LEVEL") or "INFO").upper(),
+            rules_path=Path(env["OPENTRACK_RULES"]) if env.get("OPENTRACK_RULES") else None,
         )
 
     @property

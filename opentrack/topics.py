@@ -22,6 +22,8 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     events.TOPIC_PROFILES: COMPACTED,
     # Erasure requests are kept: a rebuilt warehouse must apply them again.
     events.TOPIC_ERASURES: FOREVER,
+    # Replay requests matter only until the worker has read them.
+    events.TOPIC_OPENS_REPLAY: {"retention.ms": str(24 * 3600 * 1000)},
     events.TOPIC_EMAIL_STATE: COMPACTED,
     # Derived, re-creatable by a replay: a week is enough for the loader to catch up.
     events.TOPIC_OPENS_PROCESSED: {"retention.ms": str(7 * 24 * 3600 * 1000)},

@@ -9,7 +9,7 @@ from streams.state import Classifier, Verdict
 
 
 def classifier_from_settings(settings: Settings) -> Classifier:
-    rules = classify.Rules.load()
+    rules = classify.Rules.load(settings.rules_path)
     seconds = settings.scanner_seconds
 
     def classify_raw(raw: RawOpen, sent_at: int | None) -> Verdict:

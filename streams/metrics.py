@@ -7,3 +7,7 @@ WORKER_EVENTS = Counter(
     "Events the worker consumed, by topic and outcome (applied, replay, parked, invalid)",
     ["topic", "outcome"],
 )
+REPLAY_RECLASSIFIED = Counter(
+    "opentrack_replay_reclassified_total",
+    "Known loads whose class a replay with the current rules changed",
+)

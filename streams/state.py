@@ -167,6 +167,7 @@ class Outcome:
     replay: bool = False
     parked: bool = False
     tracking_off: int = 0  # loads dropped because tracking was off for the email's profile
+    reclassified: int = 0  # known loads whose class a replay with the current rules changed
 
 
 def erase(email_id: str) -> EmailRecord:
@@ -234,6 +235,43 @@ def apply_load(
     if new not in changed:
         outcome.opens.append(new.processed(record.email_id))
     outcome.state = _publish_state(record, _compute_state(record))
+    return outcome
+
+
+def replay_load(
+    record: EmailRecord,
+    raw: RawOpen,
+    classify: Classifier,
+    window_ms: int,
+    tracked: TrackingAt = always_tracked,
+    *,
+    reclassify: bool = False,
+    emit: bool = False,
+) -> Outcome:
+    """A load re-sent by ``opentrack replay``. Unknown to the state: applied as usual (a
+    rebuild). Known: with ``reclassify``, the current rules decide its class again and the
+    state changes only if the verdict does; with ``emit``, the load and the state are emitted
+    again as they are (a warehouse backfill), which the warehouse de-duplicates."""
+    load = next((kept for kept in record.loads if kept.event_id == raw.event_id), None)
+    if load is None:
+        outcome = apply_load(record, raw, classify, window_ms, tracked)
+        if outcome.replay and emit and record.state is not None:
+            outcome = Outcome(state=record.state, replay=True)  # folded: only the state
+        return outcome
+    outcome = Outcome(replay=True)
+    if reclassify:
+        verdict = classify(raw, record.sent_at)
+        if (verdict.load_class, verdict.reason) != (load.load_class, load.reason):
+            load.load_class, load.reason = verdict.load_class, verdict.reason
+            load.client_family = verdict.client_family
+            load.os_family, load.device_family = verdict.os_family, verdict.device_family
+            state = _publish_state(record, _compute_state(record))
+            load.revision = record.state.revision if record.state else load.revision
+            outcome = Outcome(opens=[load.processed(record.email_id)], state=state,
+                              reclassified=1)
+    if emit and not outcome.opens:
+        outcome.opens = [load.processed(record.email_id)]
+        outcome.state = outcome.state or record.state
     return outcome
 
 

@@ -22,15 +22,17 @@ from opentrack.events import (
     TOPIC_EMAIL_STATE,
     TOPIC_OPENS_PROCESSED,
     TOPIC_OPENS_RAW,
+    TOPIC_OPENS_REPLAY,
     TOPIC_SENDS,
     RawOpen,
+    ReplayedOpen,
     SendRegistered,
     now_ms,
 )
 from opentrack.profiles import ProfileFollower, ProfileSwitches
 from opentrack.settings import Settings
 from streams import state
-from streams.metrics import WORKER_EVENTS
+from streams.metrics import REPLAY_RECLASSIFIED, WORKER_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def create_worker_app(
     )
     processed = _raw_topic(app, TOPIC_OPENS_PROCESSED)
     states = _raw_topic(app, TOPIC_EMAIL_STATE)
-    inbound = _raw_topic(app, TOPIC_SENDS, TOPIC_OPENS_RAW)
+    inbound = _raw_topic(app, TOPIC_SENDS, TOPIC_OPENS_RAW, TOPIC_OPENS_REPLAY)
 
     @app.agent(inbound)
     async def process(stream: faust.StreamT) -> None:
@@ -91,6 +93,16 @@ def create_worker_app(
                     key = send.email_id
                     record = state.EmailRecord.from_dict(key, emails.get(key))
                     outcome = state.apply_send(record, send, classify, window_ms, tracked)
+                elif topic == TOPIC_OPENS_REPLAY:
+                    request = ReplayedOpen.from_bytes(event.value)
+                    load = RawOpen.from_dict(request.raw)
+                    key = load.email_id
+                    record = state.EmailRecord.from_dict(key, emails.get(key))
+                    outcome = state.replay_load(
+                        record, load, classify, window_ms, tracked,
+                        reclassify=request.reclassify, emit=request.emit,
+                    )
+                    REPLAY_RECLASSIFIED.inc(outcome.reclassified)
                 else:
                     load = RawOpen.from_bytes(event.value)
                     key = load.email_id
@@ -101,7 +113,7 @@ def create_worker_app(
                 WORKER_EVENTS.labels(topic=topic, outcome="invalid").inc()
                 log.warning("skipping malformed event on %s: %s", topic, exc)
                 continue
-            if outcome.replay:
+            if outcome.replay and not outcome.opens and outcome.state is None:
                 WORKER_EVENTS.labels(topic=topic, outcome="replay").inc()
                 continue
             if outcome.tracking_off:

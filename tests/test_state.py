@@ -172,3 +172,40 @@ def test_erased_email_keeps_nothing_and_drops_later_events() -> None:
     assert apply_load(restored, load("z", SENT + 5), by_agent, WINDOW).replay
     assert apply_send(restored, send(), by_agent, WINDOW).state is None
     assert restored.to_dict() == {"erased": True}
+
+
+def test_replay_reclassify_changes_exactly_the_affected_loads() -> None:
+    from streams.state import replay_load
+
+    loads = [load("a", SENT + 600_000, ua="Thunderbird"), load("b", SENT + 900_000)]
+    record, _ = process([send(), *loads])
+    before = record.state.to_dict()
+
+    def stricter(raw: RawOpen, sent_at: int | None) -> Verdict:
+        if raw.user_agent == "Thunderbird":
+            return Verdict("machine", "test_rule")
+        return by_agent(raw, sent_at)
+
+    same = replay_load(record, loads[1], stricter, WINDOW, reclassify=True)
+    assert same.replay and not same.opens and same.state is None and same.reclassified == 0
+    changed = replay_load(record, loads[0], stricter, WINDOW, reclassify=True)
+    assert changed.reclassified == 1
+    assert [(o.event_id, o.load_class, o.reason) for o in changed.opens] == [
+        ("a", "machine", "test_rule")]
+    assert changed.state.machine_open_count == 1 and changed.state.human_open_count == 1
+    assert changed.state.revision == before["revision"] + 1
+    again = replay_load(record, loads[0], stricter, WINDOW, reclassify=True)
+    assert again.reclassified == 0 and again.state is None  # idempotent
+
+
+def test_replay_emit_re_emits_without_change_and_unknown_loads_are_applied() -> None:
+    from streams.state import replay_load
+
+    known = load("a", SENT + 600_000)
+    record, _ = process([send(), known])
+    before = record.to_dict()
+    out = replay_load(record, known, by_agent, WINDOW, emit=True)
+    assert [o.event_id for o in out.opens] == ["a"] and out.state == record.state
+    assert record.to_dict() == before
+    fresh = replay_load(record, load("n", SENT + 700_000, ua="Other"), by_agent, WINDOW)
+    assert fresh.state.raw_load_count == 2
