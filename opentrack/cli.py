@@ -29,6 +29,14 @@ def _logging(settings: Settings) -> None:
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def _ensure_topics(settings: Settings) -> None:
+    """Create missing topics with their partitions and retention (idempotent), so that a
+    worker or loader started on a fresh cluster (docker compose) finds them right."""
+    from opentrack.topics import ensure_topics
+
+    ensure_topics(settings.bootstrap, settings.partitions)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """OpenTrack: email open tracking — pixel → Kafka → Faust → ClickHouse.
@@ -116,6 +124,7 @@ def worker(instance: int) -> None:
     from streams.worker import run_worker
 
     settings = _settings()
+    _ensure_topics(settings)
     sys.argv = [sys.argv[0], "worker"]  # Faust parses the command line itself
     run_worker(settings, instance)
 
@@ -127,6 +136,7 @@ def loader() -> None:
 
     settings = _settings()
     _logging(settings)
+    _ensure_topics(settings)
     run_loader(settings)
 
 
