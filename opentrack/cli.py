@@ -7,7 +7,7 @@ import os
 import shutil
 import signal
 import sys
-import time
+import threading
 
 import click
 
@@ -27,6 +27,14 @@ def _logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _stop_on_signals() -> threading.Event:
+    """Ctrl-C and SIGTERM ask for a clean stop instead of killing the process mid-way."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    return stopping
 
 
 def _ensure_topics(settings: Settings) -> None:
@@ -55,14 +63,7 @@ def run() -> None:
     settings = _settings()
     _logging(settings)
     stack = Stack(settings)
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = _stop_on_signals()
     try:
         click.echo("starting OpenTrack (Kafka, worker, loader, web)…")
         stack.start()
@@ -80,8 +81,7 @@ def run() -> None:
             f"{base}/v1/emails/<email_id>/opens\n"
             "Press Ctrl-C to stop.\n"
         )
-        while not stopping:
-            time.sleep(0.5)
+        while not stopping.wait(0.5):
             stack.check_children()
     finally:
         click.echo("stopping…")
@@ -153,17 +153,10 @@ def kafka(port: int | None) -> None:
     broker.start()
     ensure_topics(broker.bootstrap, settings.partitions)
     click.echo(f"Kafka is ready: OPENTRACK_KAFKA_BOOTSTRAP={broker.bootstrap}")
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = _stop_on_signals()
     try:
-        while not stopping and broker.process and broker.process.poll() is None:
-            time.sleep(0.5)
+        while not stopping.wait(0.5) and broker.process and broker.process.poll() is None:
+            pass
     finally:
         broker.stop()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,17 @@ class Page:
         return {"items": self.items, "next_cursor": self.next_cursor}
 
 
+def _page(
+    engine: Engine, rows: list[dict[str, Any]], limit: int,
+    cursor_of: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Page:
+    """The emails of ``rows`` in order with their state; a cursor after a full page."""
+    details = emails(engine, [r["email_id"] for r in rows])
+    items = [details[r["email_id"]] for r in rows if r["email_id"] in details]
+    next_cursor = encode_cursor(cursor_of(rows[-1])) if len(rows) == limit else None
+    return Page(items, next_cursor)
+
+
 # -- the Opened folder --------------------------------------------------------------------
 _FOLDER_CURSOR = {"t": int, "id": str, "as_of": int}
 
@@ -165,13 +176,8 @@ def opened_folder(
         """,
         params,
     )
-    details = emails(engine, [r["email_id"] for r in rows])
-    items = [details[r["email_id"]] for r in rows if r["email_id"] in details]
-    next_cursor = None
-    if len(rows) == limit:
-        last = rows[-1]
-        next_cursor = encode_cursor({"t": last["t"], "id": last["email_id"], "as_of": as_of})
-    return Page(items, next_cursor)
+    return _page(engine, rows, limit, lambda last: {
+        "t": last["t"], "id": last["email_id"], "as_of": as_of})
 
 
 # -- a person's emails --------------------------------------------------------------------
@@ -198,10 +204,5 @@ def person_emails(
         """,
         params,
     )
-    details = emails(engine, [r["email_id"] for r in rows])
-    items = [details[r["email_id"]] for r in rows if r["email_id"] in details]
-    next_cursor = None
-    if len(rows) == limit:
-        last = rows[-1]
-        next_cursor = encode_cursor({"sent_at": last["sent_at"], "id": last["email_id"]})
-    return Page(items, next_cursor)
+    return _page(engine, rows, limit, lambda last: {
+        "sent_at": last["sent_at"], "id": last["email_id"]})
