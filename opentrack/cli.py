@@ -189,6 +189,7 @@ def replay(from_beginning: bool, from_time: str | None, from_offsets: str | None
     changed class. Exit code 3 when the range is no longer retained by Kafka.
     """
     from kafka import KafkaConsumer
+
     from opentrack import replay as replaying
     from opentrack.http import Invalid
     from opentrack.times import parse_time

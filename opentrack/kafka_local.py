@@ -207,9 +207,8 @@ class LocalKafka:
 
 def broker_ready(bootstrap: str) -> bool:
     """The broker answers a metadata request and has an active controller."""
-    from kafka.errors import KafkaError
-
     from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
 
     try:
         admin = KafkaAdminClient(

@@ -32,10 +32,9 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
 
 def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -> list[str]:
     """Create missing topics; return the names created. Existing topics are left alone."""
+    from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
-
-    from kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     try:

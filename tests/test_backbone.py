@@ -6,9 +6,9 @@ import time
 import uuid
 
 import requests
+from kafka import KafkaProducer
 
 from ingest.pixel import GIF
-from kafka import KafkaProducer
 from opentrack.events import RawOpen, now_ms
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -8,6 +8,7 @@ import time
 import uuid
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
 from opentrack.events import RawOpen
 from tests.test_backbone import CHROME, OUTLOOK, load
 

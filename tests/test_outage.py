@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import requests
-
 from kafka import KafkaConsumer, TopicPartition
+
 from opentrack.events import TOPIC_OPENS_RAW, RawOpen
 from opentrack.kafka_local import LocalKafka
 from opentrack.settings import Settings

@@ -10,6 +10,7 @@ import signal
 import uuid
 
 from kafka import KafkaProducer
+
 from opentrack.events import RawOpen
 from opentrack.times import parse_time
 from opentrack.truth import expected_state

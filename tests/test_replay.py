@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
+
 from opentrack.events import RawOpen, now_ms
 from opentrack.kafka_local import LocalKafka
 from opentrack.times import iso

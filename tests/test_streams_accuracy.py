@@ -10,6 +10,7 @@ import signal
 import time
 
 from kafka import KafkaProducer
+
 from opentrack.accuracy import format_report, report
 from opentrack.events import now_ms
 from opentrack.stack import Child

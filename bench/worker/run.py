@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
 from opentrack.events import TOPIC_EMAIL_STATE, TOPIC_OPENS_RAW, TOPIC_SENDS
 from opentrack.kafka_local import LocalKafka
 from opentrack.topics import ensure_topics
