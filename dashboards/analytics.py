@@ -7,8 +7,10 @@ opening); reply and unsubscribe rates are over all sends.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from dashboards import queries, stats
-from dashboards.params import GROUPINGS, METRICS, BadParameter, Filters
+from dashboards.params import GROUPINGS, METRICS, SORTS, BadParameter, Filters, check
 from warehouse.engines import Engine
 
 # rate -> (successes column, trials column, what a success is, for warnings)
@@ -45,6 +47,29 @@ TIMING_COLUMNS = ("weekday", "weekday_name", "hour", "human_opens", "machine_ope
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
+_MODERN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _is_modern(engine: Engine) -> bool:
+    """Whether the engine's ClickHouse takes settings 18.16 does not know (asked once)."""
+    try:
+        return _MODERN[engine]
+    except (KeyError, TypeError):
+        pass
+    version = str(engine.query("SELECT version() AS v")[0]["v"])
+    modern = int(version.split(".")[0]) >= 21
+    with contextlib.suppress(TypeError):  # an engine that cannot be weakly referenced
+        _MODERN[engine] = modern
+    return modern
+
+
+def run(engine: Engine, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a read; 18.16 refuses settings it does not know, so only newer engines get them."""
+    if _is_modern(engine):
+        sql = f"{sql}\n{queries.MODERN_SETTINGS}"
+    return engine.query(sql, params)
+
+
 def key_label(by: str, row: dict[str, Any]) -> str:
     """The group's name as shown and as ``baseline=`` takes it (a step: ``sequence/step``)."""
     if by == "sequence_step":
@@ -63,12 +88,10 @@ def compare(
     """One row per group: counts, rates with Wilson intervals, time to first human open, and
     the test of ``metric`` against the baseline (the group with the most sends unless named),
     Holm-corrected over all groups compared."""
-    if by not in GROUPINGS:
-        raise BadParameter("by", f"by={by!r}: must be one of {', '.join(GROUPINGS)}")
-    if metric not in METRICS:
-        raise BadParameter("metric", f"metric={metric!r}: must be one of {', '.join(METRICS)}")
+    check("by", by, GROUPINGS)
+    check("metric", metric, METRICS)
     sql, params = queries.compare(by, filters or Filters())
-    rows = engine.query(sql, params)
+    rows = run(engine, sql, params)
     keys = KEY_COLUMNS[by]
     df = pd.DataFrame(rows, columns=[*keys, *COUNTS, "first_human_open_ms"])
     df.insert(0, "key", [key_label(by, row) for row in rows])
@@ -173,12 +196,11 @@ def follow_ups(
 ) -> pd.DataFrame:
     """The follow-up queue: sends a person opened that got no reply (nor an unsubscribe),
     most recently opened first (``sort="reopened"``: most human opens first)."""
-    if sort not in queries.FOLLOW_UP_ORDER:
-        raise BadParameter("sort", f"sort={sort!r}: must be one of {', '.join(queries.FOLLOW_UP_ORDER)}")
+    check("sort", sort, SORTS)
     sql, params = queries.follow_ups(filters or Filters(), sort, limit, offset)
     columns = [*queries.FOLLOW_UP_COLUMNS, "open_count", "human_open_count",
                "last_human_opened_at"]
-    df = pd.DataFrame(engine.query(sql, params), columns=columns)
+    df = pd.DataFrame(run(engine, sql, params), columns=columns)
     for column in ("sent_at", "last_human_opened_at"):
         df[column] = _timestamp(df[column])
     df["sequence_id"] = df["sequence_id"].replace("", None)
@@ -189,7 +211,7 @@ def follow_ups(
 def follow_up_counts(engine: Engine, filters: Filters | None = None) -> pd.DataFrame:
     """Queue length per profile, longest first."""
     sql, params = queries.follow_up_counts(filters or Filters())
-    df = pd.DataFrame(engine.query(sql, params), columns=["profile_id", "follow_ups"])
+    df = pd.DataFrame(run(engine, sql, params), columns=["profile_id", "follow_ups"])
     return df.sort_values(["follow_ups", "profile_id"], ascending=[False, True],
                           ignore_index=True)
 
@@ -202,10 +224,10 @@ def timing(engine: Engine, filters: Filters | None = None, tz: str = "UTC") -> p
         [(day, hour) for day in range(1, 8) for hour in range(24)], columns=["weekday", "hour"]
     )
     opens_sql, opens_params = queries.open_timing(filters, tz)
-    opens = pd.DataFrame(engine.query(opens_sql, opens_params),
+    opens = pd.DataFrame(run(engine, opens_sql, opens_params),
                          columns=["weekday", "hour", "human_opens", "machine_opens"])
     sends_sql, sends_params = queries.send_timing(filters, tz)
-    sends = pd.DataFrame(engine.query(sends_sql, sends_params),
+    sends = pd.DataFrame(run(engine, sends_sql, sends_params),
                          columns=["weekday", "hour", *COUNTS, "first_human_open_ms"])
     df = grid.merge(opens, on=["weekday", "hour"], how="left").merge(
         sends[["weekday", "hour", "sent", "tracked", "human_opened", "replies"]],
@@ -235,17 +257,20 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def plain_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of plain Python values: NaN/NaT/NA → None, times → ISO 8601 UTC."""
+    return [{name: _plain(value) for name, value in row.items()}
+            for row in df.astype(object).to_dict("records")]
+
+
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-ready rows: NaN/NaT → null, times → ISO 8601 UTC, ``x_ci_lo``/``x_ci_hi`` →
-    ``x_ci: [lo, hi]``."""
-    out = []
-    for row in df.astype(object).to_dict("records"):
-        plain = {name: _plain(value) for name, value in row.items()}
+    """JSON-ready rows: ``plain_rows`` with ``x_ci_lo``/``x_ci_hi`` → ``x_ci: [lo, hi]``."""
+    out = plain_rows(df)
+    for plain in out:
         for name in RATES:
             if f"{name}_ci_lo" in plain:
                 lo, hi = plain.pop(f"{name}_ci_lo"), plain.pop(f"{name}_ci_hi")
                 plain[f"{name}_ci"] = None if lo is None else [lo, hi]
-        out.append(plain)
     return out
 
 

@@ -17,8 +17,8 @@ from markupsafe import Markup
 
 HUMAN, MACHINE, REPLY, UNSUBSCRIBE, NEUTRAL = "#2563eb", "#f59e0b", "#16a34a", "#dc2626", "#94a3b8"
 _LAYOUT = dict(
-    template="plotly_white", margin=dict(l=10, r=10, t=40, b=10), height=360,
-    legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+    template="plotly_white", margin=dict(l=10, r=10, t=36, b=10), height=360,
+    legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0),
     font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12),
 )
 
@@ -33,8 +33,8 @@ class Chart:
 
 
 def chart(chart_id: str, title: str, fig: go.Figure, height: int | None = None) -> Chart:
+    """The title is the page's caption (HTML), so the plot's top holds the legend alone."""
     fig.update_layout(**_LAYOUT)
-    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)))
     if height:
         fig.update_layout(height=height)
     text = pio.to_json(fig, validate=False)
@@ -149,11 +149,18 @@ def _grid(df: pd.DataFrame, column: str) -> list[list[float | None]]:
 
 
 def timing_heatmap(df: pd.DataFrame, column: str, chart_id: str, title: str,
-                   percent: bool = False) -> Chart:
+                   min_trials: int = 0) -> Chart:
+    """Weekday × hour. A rate (``min_trials`` > 0) is left blank where fewer sends than that
+    stand behind it: a 100 % of 2 sends would otherwise be the darkest cell."""
     days = df.drop_duplicates("weekday").sort_values("weekday")["weekday_name"].tolist()
+    if min_trials:
+        df = df.assign(**{column: df[column].where(df["tracked"] >= min_trials)})
     fig = go.Figure(go.Heatmap(
         z=_grid(df, column), x=list(range(24)), y=days, colorscale="Blues",
-        hoverongaps=False, colorbar=dict(tickformat=".0%" if percent else ""),
+        hoverongaps=False, colorbar=dict(tickformat=".0%" if min_trials else ""),
+        customdata=_grid(df, "tracked"),
+        hovertemplate="%{y} %{x}:00<br>%{z" + (":.1%" if min_trials else "") + "}"
+        + ("<br>%{customdata} tracked sends" if min_trials else "") + "<extra></extra>",
     ))
     fig.update_layout(xaxis=dict(title="hour", dtick=2), yaxis=dict(autorange="reversed"),
                       height=320)

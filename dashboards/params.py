@@ -20,6 +20,7 @@ SORTS = ("recent", "reopened")
 FORMATS = ("json", "csv")
 MAX_LIMIT = 1000
 MAX_ID = 256  # longer values are no id of ours; refuse them early
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 
 class BadParameter(ValueError):
@@ -64,6 +65,8 @@ def parse_time(value: str | int | None, name: str, end_of_day: bool = False) -> 
         return None
     text = str(value).strip()
     if text.isdigit():
+        if int(text) > MAX_MS:
+            raise BadParameter(name, f"{name}={text}: epoch milliseconds beyond the year 9999")
         return int(text)
     try:
         if len(text) == 10:
@@ -105,11 +108,14 @@ def parse_filters(args: Mapping[str, Any]) -> Filters:
     )
 
 
-def choice(args: Mapping[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
-    value = one(args, name) or default
+def check(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise BadParameter(name, f"{name}={value!r}: must be one of {', '.join(allowed)}")
     return value
+
+
+def choice(args: Mapping[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    return check(name, one(args, name) or default, allowed)
 
 
 def integer(args: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

@@ -13,6 +13,7 @@ classified ``machine`` (a proxy open is a person reading), as in the per-email s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from dashboards.params import Filters
@@ -37,9 +38,26 @@ FOLLOW_UP_COLUMNS = (
 
 _HUMAN = "counted = 1 AND load_class != 'machine'"
 
+# Servers newer than 18.16 take this: opens and engagement are partitioned by the month of
+# their own event time, so every version of a row lives in one partition and FINAL need not
+# merge across partitions (on 10M opens it cuts the FINAL read about fivefold).
+MODERN_SETTINGS = "SETTINGS do_not_merge_across_partitions_select_final = 1"
 
-def send_scope(filters: Filters, extra: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The WHERE clause (and its parameters) that picks the sends an analysis covers."""
+
+@dataclass(frozen=True)
+class Scope:
+    """The sends an analysis covers: a WHERE clause on ``sends`` and its parameters.
+    ``narrow``: the user filtered, so reading the other tables only for these emails pays."""
+
+    where: str
+    params: dict[str, Any]
+    narrow: bool
+
+    def restricted(self, condition: str) -> Scope:
+        return Scope(f"{self.where} AND {condition}", self.params, self.narrow)
+
+
+def send_scope(filters: Filters) -> Scope:
     conditions: list[str] = []
     params: dict[str, Any] = {}
     for column, op, name, value in (
@@ -58,46 +76,48 @@ def send_scope(filters: Filters, extra: str | None = None) -> tuple[str, dict[st
         if ids:
             conditions.append(f"has(%({name})s, {column})")
             params[name] = list(ids)
-    if extra:
-        conditions.append(extra)
-    return " AND ".join(conditions) or "1", params
+    return Scope(" AND ".join(conditions) or "1", params, bool(conditions))
 
 
-def _sends(columns: tuple[str, ...], where: str) -> str:
-    return f"SELECT {', '.join(columns)} FROM (SELECT * FROM sends FINAL) WHERE {where}"
+def _sends(columns: tuple[str, ...], scope: Scope) -> str:
+    return f"SELECT {', '.join(columns)} FROM (SELECT * FROM sends FINAL) WHERE {scope.where}"
 
 
-def _scoped(table: str, where: str) -> str:
-    """Rows of ``table`` (FINAL) for the emails in scope: email_id is its key's prefix, so
-    this reads only their granules."""
+def _scoped(table: str, scope: Scope) -> str:
+    """Rows of ``table`` (FINAL) for the emails in scope. email_id leads every sorting key,
+    so the IN reads only their granules; without filters the IN would cost more (a set of
+    every email) than it saves, and the joins drop rows of emails out of scope anyway."""
+    if not scope.narrow:
+        return f"SELECT * FROM {table} FINAL"
     return (f"SELECT * FROM {table} FINAL WHERE email_id IN "
-            f"(SELECT email_id FROM ({_sends(('email_id',), where)}))")
+            f"(SELECT email_id FROM ({_sends(('email_id',), scope)}))")
 
 
-def per_email(columns: tuple[str, ...], where: str) -> str:
+def per_email(columns: tuple[str, ...], scope: Scope) -> str:
     """One row per send in scope: ``columns`` of the send, its counted opens (all and human),
-    its first human open, and whether it got a reply or an unsubscribe."""
+    its first human open, and whether it got a reply or an unsubscribe. The right sides are
+    grouped by email_id, one row each, so ``ANY`` joins give the same rows, cheaper."""
     carried = ", ".join(("email_id", *columns))
     opens = f"""
         SELECT email_id, countIf(counted = 1) AS open_count,
                countIf({_HUMAN}) AS human_open_count,
                minIf(received_at, {_HUMAN}) AS first_human_at
-        FROM ({_scoped('opens', where)}) GROUP BY email_id"""
+        FROM ({_scoped('opens', scope)}) GROUP BY email_id"""
     engagement = f"""
         SELECT email_id, max(kind = 'reply') AS replied,
                max(kind = 'unsubscribe') AS unsubscribed
-        FROM ({_scoped('engagement', where)}) GROUP BY email_id"""
+        FROM ({_scoped('engagement', scope)}) GROUP BY email_id"""
     return f"""
         SELECT {carried}, open_count, human_open_count, first_human_at, replied, unsubscribed
         FROM (
             SELECT {carried}, open_count, human_open_count, first_human_at
-            FROM ({_sends(("email_id", *columns), where)}) AS s
-            LEFT JOIN ({opens}) AS o USING email_id
+            FROM ({_sends(("email_id", *columns), scope)}) AS s
+            ANY LEFT JOIN ({opens}) AS o USING email_id
         ) AS so
-        LEFT JOIN ({engagement}) AS g USING email_id"""
+        ANY LEFT JOIN ({engagement}) AS g USING email_id"""
 
 
-_GROUP_TOTALS = """
+GROUP_TOTALS = """
     count() AS sent, sum(tracking) AS tracked,
     countIf(open_count > 0) AS opened, countIf(human_open_count > 0) AS human_opened,
     sum(open_count) AS total_opens, sum(human_open_count) AS human_opens,
@@ -109,58 +129,60 @@ _GROUP_TOTALS = """
 def compare(by: str, filters: Filters) -> tuple[str, dict[str, Any]]:
     """Counts per group of ``by``: the numbers every rate and test is made from."""
     keys, extra = GROUP_COLUMNS[by]
-    where, params = send_scope(filters, extra)
+    scope = send_scope(filters)
+    if extra:
+        scope = scope.restricted(extra)
     key_list = ", ".join(keys)
     sql = f"""
-        SELECT {key_list}, {_GROUP_TOTALS}
-        FROM ({per_email((*keys, "sent_at", "tracking"), where)})
+        SELECT {key_list}, {GROUP_TOTALS}
+        FROM ({per_email((*keys, "sent_at", "tracking"), scope)})
         GROUP BY {key_list}"""
-    return sql, params
+    return sql, scope.params
 
 
 def send_timing(filters: Filters, tz: str) -> tuple[str, dict[str, Any]]:
     """The same totals per weekday (1 = Monday) and hour of sending, in ``tz``."""
-    where, params = send_scope(filters)
+    scope = send_scope(filters)
     sql = f"""
-        SELECT toDayOfWeek(t) AS weekday, toHour(t) AS hour, {_GROUP_TOTALS}
+        SELECT toDayOfWeek(t) AS weekday, toHour(t) AS hour, {GROUP_TOTALS}
         FROM (
             SELECT *, toDateTime(intDiv(sent_at, 1000), %(tz)s) AS t
-            FROM ({per_email(("sent_at", "tracking"), where)})
+            FROM ({per_email(("sent_at", "tracking"), scope)})
         )
         GROUP BY weekday, hour"""
-    return sql, {**params, "tz": tz}
+    return sql, {**scope.params, "tz": tz}
 
 
 def open_timing(filters: Filters, tz: str) -> tuple[str, dict[str, Any]]:
     """Counted opens of the sends in scope per weekday and hour of opening, in ``tz``."""
-    where, params = send_scope(filters)
+    scope = send_scope(filters)
     sql = f"""
         SELECT toDayOfWeek(t) AS weekday, toHour(t) AS hour,
                countIf(load_class != 'machine') AS human_opens,
                countIf(load_class = 'machine') AS machine_opens
         FROM (
             SELECT toDateTime(intDiv(received_at, 1000), %(tz)s) AS t, load_class, counted
-            FROM ({_scoped('opens', where)})
+            FROM ({_scoped('opens', scope)})
         )
         WHERE counted = 1
         GROUP BY weekday, hour"""
-    return sql, {**params, "tz": tz}
+    return sql, {**scope.params, "tz": tz}
 
 
 def _follow_up_from(filters: Filters) -> tuple[str, dict[str, Any]]:
     """Sends in scope that a person opened and nobody replied to or unsubscribed from."""
-    where, params = send_scope(filters)
+    scope = send_scope(filters)
     sql = f"""
         FROM (
-            SELECT * FROM ({_sends(FOLLOW_UP_COLUMNS, where)})
-            WHERE email_id NOT IN (SELECT email_id FROM ({_scoped('engagement', where)}))
+            SELECT * FROM ({_sends(FOLLOW_UP_COLUMNS, scope)})
+            WHERE email_id NOT IN (SELECT email_id FROM ({_scoped('engagement', scope)}))
         ) AS s
         INNER JOIN (
             SELECT email_id, open_count, human_open_count, last_human_opened_at
-            FROM ({_scoped('email_state', where)})
+            FROM ({_scoped('email_state', scope)})
             WHERE human_open_count > 0
         ) AS st USING email_id"""
-    return sql, params
+    return sql, scope.params
 
 
 def follow_ups(
@@ -180,3 +202,8 @@ def follow_up_counts(filters: Filters) -> tuple[str, dict[str, Any]]:
     """How long each profile's queue is."""
     source, params = _follow_up_from(filters)
     return f"SELECT profile_id, count() AS follow_ups {source} GROUP BY profile_id", params
+
+
+def profile_ids() -> tuple[str, dict[str, Any]]:
+    """The profiles that sent something, for the pages' profile filter."""
+    return "SELECT DISTINCT profile_id FROM sends ORDER BY profile_id LIMIT 1000", {}

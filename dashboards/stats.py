@@ -49,12 +49,14 @@ def wilson_interval(
         return None
     if not 0 <= successes <= trials:
         raise ValueError(f"successes {successes} outside 0..{trials}")
-    z = norm.ppf(0.5 + confidence / 2)
+    z = float(norm.ppf(0.5 + confidence / 2))
     p = successes / trials
     z2n = z * z / trials
     centre = (p + z2n / 2) / (1 + z2n)
     half = z * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials)) / (1 + z2n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges, where
+    hi = 1.0 if successes == trials else min(1.0, centre + half)  # rounding would miss them
+    return lo, hi
 
 
 def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> TestResult | None:

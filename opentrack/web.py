@@ -1,7 +1,8 @@
-"""The web application: pixel, intake API, CRM reads and health, as one Flask app.
+"""The web application: pixel, intake API, CRM reads, analytics, dashboards and health.
 
 The app is assembled here, above the stages, so that no stage imports one downstream of it:
-``ingest`` contributes the pixel and intake blueprints, ``warehouse`` the CRM reads.
+``ingest`` contributes the pixel (plain WSGI in front of Flask) and the intake blueprint,
+``warehouse`` the CRM reads, ``dashboards`` the analytics API and the analysts' pages.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from dashboards import api as analytics_api
+from dashboards import pages as dashboard_pages
 from ingest import intake, pixel
 from ingest.metrics import API_REQUESTS
 from ingest.publish import Publisher
@@ -51,9 +54,11 @@ def create_app(settings: Settings | None = None, eager: bool = True) -> Flask:
 
     app.extensions["opentrack.profiles"] = PerProcess(follow_profiles)
 
-    app.register_blueprint(pixel.bp)
     app.register_blueprint(intake.bp)
     app.register_blueprint(crm_api.bp)
+    app.register_blueprint(analytics_api.bp)
+    app.register_blueprint(dashboard_pages.bp)
+    app.wsgi_app = pixel.pixel_in_front(app, app.wsgi_app)  # type: ignore[method-assign]
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -5,7 +5,7 @@ One wrk load (same machine, loopback, N connections, D seconds) against each of:
   a  nginx serving a static 1x1 GIF (own temporary config, pid and logs)
   b  a bare Flask app returning the same GIF and headers, under gunicorn, 2 sync workers
   c  OpenTrack's pixel (valid token) under `opentrack web`, publishing to a live local broker
-  d  the same with the broker stopped (every event goes to the disk spool)
+  d  the same with the broker stopped (events wait in the disk spool and the producer)
   e  the bare Flask app under `opentrack web`'s own Granian settings (workers, threads)
 
 Rounds are interleaved (a b c d e, a b c d e, ...) so that drift of the machine hits every
@@ -15,6 +15,11 @@ taken once the spool has drained. Only the broker and `opentrack web` are starte
 (no stream worker or loader), so the numbers are the edge's alone.
 
     .venv/bin/python bench/pixel/run.py [--runs 3] [--duration 10] [--connections 32]
+
+Besides req/s, p50 and p99, the table gives the servers' CPU time per request (the broker's
+too, for c) and the load of processes it did not start: on a small shared machine req/s and
+latency move with that load, CPU per request much less. wrk runs flat out unless --rate
+paces it: p99 at saturation is mostly queueing, --rate shows latency below it.
 
 Needs wrk and nginx (apt-get install -y wrk nginx-light) and gunicorn in the venv.
 Every process it starts is stopped at the end, on Ctrl-C and on errors.
@@ -33,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -174,6 +178,7 @@ class Result:
     errors: int
     non2xx: int
     other_load: float = 0.0  # CPUs' worth of other processes' work during the run
+    server_cpu_us: float = 0.0  # CPU per request of the servers (and broker), wrk excluded
 
     @property
     def rps(self) -> float:
@@ -185,9 +190,17 @@ def wrk(url: str, args: argparse.Namespace, seconds: float, log: Path) -> Result
            "-d", f"{seconds:g}s", "--timeout", "5s", "--latency",
            "-s", str(HERE / "wrk_report.lua"), url]
     busy, own, started = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    reaped = os.times()
+    env = dict(os.environ)
+    if args.rate:  # each connection waits so that all of them together make about --rate
+        env["WRK_DELAY_MS"] = f"{args.connections * 1000 / args.rate:.3f}"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env)
     elapsed = time.monotonic() - started
-    other = (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)
+    after = os.times()
+    wrk_cpu = (after.children_user + after.children_system
+               - reaped.children_user - reaped.children_system)
+    own = own_cpu_seconds() - own
+    other = (busy_cpu_seconds() - busy) - own
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}\n")
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
@@ -202,6 +215,7 @@ def wrk(url: str, args: argparse.Namespace, seconds: float, log: Path) -> Result
         errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
         non2xx=data["status"],
         other_load=max(0.0, other / elapsed),
+        server_cpu_us=(own - wrk_cpu) / max(1, data["requests"]) * 1e6,
     )
 
 
@@ -306,7 +320,9 @@ class Web:
 def start_web(procs: Processes, data_dir: Path, bootstrap: str) -> Web:
     port = free_port()
     env = web_env(data_dir, port, bootstrap)
-    proc = procs.start("opentrack-web", [sys.executable, "-m", "opentrack.cli", "web"], env=env)
+    # cwd: `-m` puts it first on sys.path, so it decides which checkout's code runs
+    proc = procs.start("opentrack-web", [sys.executable, "-m", "opentrack.cli", "web"], env=env,
+                       cwd=ROOT)
     web = Web(f"http://127.0.0.1:{port}", data_dir)
     wait_http(f"{web.base}/healthz", proc, procs, "opentrack-web")
     return web
@@ -401,11 +417,9 @@ class Bench:
     deliveries: list[str] = field(default_factory=list)
 
     def measure(self, key: str, url: str, round_no: int) -> Result:
-        log = self.tmp / "logs" / "wrk.log"
         if self.args.warmup > 0:
-            wrk(url, self.args, self.args.warmup, log)
-        result = self.run_wrk(key, url, round_no)
-        return result
+            wrk(url, self.args, self.args.warmup, self.tmp / "logs" / "wrk.log")
+        return self.run_wrk(key, url, round_no)
 
     def run_wrk(self, key: str, url: str, round_no: int) -> Result:
         result = wrk(url, self.args, self.args.duration, self.tmp / "logs" / "wrk.log")
@@ -415,6 +429,7 @@ class Bench:
             flags = f"  socket errors {result.errors}, non-2xx {result.non2xx}"
         print(f"  round {round_no} {key} {TARGETS[key]:<30} {result.rps:>9,.0f} req/s  "
               f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+              f"server CPU {result.server_cpu_us:4.0f} us/req  "
               f"other load {result.other_load:4.2f} CPU{flags}", flush=True)
         return result
 
@@ -458,6 +473,11 @@ class Bench:
             warm_url = web.register(f"bench-warm-{tag}")
             if self.args.warmup > 0:
                 wrk(warm_url, self.args, self.args.warmup, self.tmp / "logs" / "wrk.log")
+            # The first events of a new process are spooled before its producer connects and
+            # sent again as a whole segment: let that finish so (c) measures the steady state.
+            deadline = time.monotonic() + 30
+            while web.spool_files() and time.monotonic() < deadline:
+                time.sleep(0.2)
             if "c" in targets:
                 self.pixel_phase("c", web, f"bench-c-{round_no}-{tag}", round_no)
             if "d" in targets:
@@ -495,11 +515,12 @@ def median(values: list[float]) -> float:
 def report(bench: Bench) -> None:
     res = bench.results
     runs = max((len(v) for v in res.values()), default=0)
+    pace = f", paced to ~{bench.args.rate:g} req/s" if bench.args.rate else ""
     print(f"\nMedians over {runs} run(s); wrk {bench.args.connections} connections, "
-          f"{bench.args.threads} threads, {bench.args.duration:g} s, loopback, "
+          f"{bench.args.threads} threads, {bench.args.duration:g} s{pace}, loopback, "
           f"{os.cpu_count()} CPUs shared by wrk and the servers\n")
-    print(f"{'':2}{'target':<32}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'other':>7}"
-          "   req/s per run")
+    print(f"{'':2}{'target':<32}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'us/req':>8}"
+          f"{'other':>7}   req/s per run")
     for key, name in TARGETS.items():
         if key not in res:
             continue
@@ -509,10 +530,15 @@ def report(bench: Bench) -> None:
         note = f"  ({errors} errors/non-2xx)" if errors else ""
         print(f"{key:<2}{name:<32}{median([r.rps for r in rs]):>10,.0f}"
               f"{median([r.p50_ms for r in rs]):>9.2f}{median([r.p99_ms for r in rs]):>9.2f}"
+              f"{median([r.server_cpu_us for r in rs]):>8.0f}"
               f"{median([r.other_load for r in rs]):>7.2f}   {per_run}{note}")
-    print("(other: CPUs' worth of work by processes this benchmark did not start, during the"
-          " load; above ~0.2 the numbers are skewed)\n")
+    print("us/req: CPU time of the server processes (the broker too, for c) per request, wrk"
+          " excluded;\nother: CPUs' worth of work by processes this benchmark did not start"
+          " during the load\n(above ~0.2 req/s and latencies are skewed; us/req much less so)\n")
     for num, den in (("c", "a"), ("c", "b"), ("c", "e")):
+        if bench.args.rate:
+            print("throughput ratios: not with --rate (every target gets the same paced load)")
+            break
         if num in res and den in res:
             ratio = median([r.rps for r in res[num]]) / median([r.rps for r in res[den]])
             target = MIN_RATIO.get(f"{num}/{den}")
@@ -544,6 +570,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--warmup", type=float, default=2,
                         help="seconds of unmeasured load before each target (default 2; 0: none)")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="pace wrk to about this many req/s in total (default 0: as fast as "
+                             "the server goes); for latency below saturation")
     parser.add_argument("--targets", default="abcde",
                         help="which of a b c d e to run, e.g. 'ce' (default abcde)")
     parser.add_argument("--drain-timeout", type=float, default=120,
@@ -555,6 +584,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--targets takes letters of {''.join(TARGETS)}")
     if args.runs < 1 or args.duration <= 0 or args.connections < 1 or args.threads < 1:
         parser.error("--runs, --duration, --connections and --threads must be positive")
+    if args.rate < 0:
+        parser.error("--rate must be positive (or 0 for no pacing)")
     return args
 
 
@@ -594,8 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"temporary folder: {tmp}", flush=True)
     try:
         with sigterm_as_exception():
-            needs_broker = bool(set(args.targets) & set("cde"))
-            if needs_broker and set(args.targets) & set("cd"):
+            if set(args.targets) & set("cd"):
                 print("starting the local Kafka broker…", flush=True)
                 bench.start_broker()
             for round_no in range(1, args.runs + 1):

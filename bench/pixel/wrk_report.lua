@@ -1,5 +1,13 @@
 -- For bench/pixel/run.py: one machine-readable line with wrk's exact percentiles (its
 -- histogram has microsecond resolution), instead of parsing the rounded --latency table.
+-- WRK_DELAY_MS (set by run.py --rate) paces each connection, for latency below saturation.
+local delay_ms = tonumber(os.getenv("WRK_DELAY_MS") or "")
+if delay_ms then
+  delay = function()
+    return delay_ms
+  end
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
