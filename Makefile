@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install system-packages kafka-jars lint bench-freshness
+.PHONY: run test install system-packages kafka-jars lint bench-freshness bench-pixel bench-worker
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,10 @@ test: install kafka-jars system-packages lint
 
 bench-freshness: install kafka-jars
 	$(PY) bench/freshness.py
+
+bench-pixel: install kafka-jars
+	bash scripts/bench-packages.sh
+	$(PY) bench/pixel/run.py --runs 3
+
+bench-worker: install kafka-jars
+	$(PY) bench/worker/run.py --runs 3
