@@ -65,9 +65,6 @@ def create_worker_app(
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_acks=-1,
-        # batch outputs and changelog writes for 20 ms: single noisy runs here went from
-        # ~700 to ~1,200 events/s (a bare agent that only sends: 2k → 4-6k)
-        producer_linger=0.02,
         broker_commit_interval=1.0,
         # a killed worker's partitions move to the others after 10 s, not Kafka's 45 s
         broker_session_timeout=10.0,

@@ -42,6 +42,20 @@ def warehouse_snapshot(stack) -> dict:
     return {"states": states, "opens": opens, "sends": sends, "engagement": engagement}
 
 
+def settled_snapshot(stack, timeout: float = 180) -> dict:
+    """The warehouse once the pipeline has caught up (two snapshots 3 s apart agree), so
+    that what earlier tests still had in flight is not taken for a change by the replay."""
+    deadline = time.monotonic() + timeout
+    previous = warehouse_snapshot(stack)
+    while time.monotonic() < deadline:
+        time.sleep(3)
+        current = warehouse_snapshot(stack)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError("the pipeline did not settle")
+
+
 def some_traffic(stack) -> list[str]:
     emails = [f"rp-{uuid.uuid4().hex[:8]}" for _ in range(5)]
     for i, e in enumerate(emails):
@@ -55,8 +69,7 @@ def some_traffic(stack) -> list[str]:
 
 def test_replay_everything_twice_changes_nothing(running_stack) -> None:
     some_traffic(running_stack)
-    time.sleep(2)
-    before = warehouse_snapshot(running_stack)
+    before = settled_snapshot(running_stack)
     env = running_stack.stack.env
     dry = replay(env, "--from-beginning", "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -135,8 +148,7 @@ def test_range_no_longer_retained_is_a_clear_error(tmp_path: Path) -> None:
 def test_rebuild_from_scratch_equals_the_original(running_stack) -> None:
     """Empty warehouse and empty stream state, processed again from the beginning."""
     some_traffic(running_stack)
-    time.sleep(3)
-    before = warehouse_snapshot(running_stack)
+    before = settled_snapshot(running_stack)
     stack = running_stack.stack
     for name in ("web", "worker", "loader"):
         stack.child(name).stop()
