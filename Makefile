@@ -18,8 +18,11 @@ install: $(STAMP)
 kafka-jars: $(STAMP)
 	$(PY) -c "from opentrack.kafka_local import ensure_jars; print('Kafka jars in', ensure_jars())"
 
+# What the tests need from Debian: the ClickHouse server the clickhouse-driver path is tested
+# against, Chromium for the dashboards' browser tests, Java and Maven for the Kafka broker.
 system-packages:
-	bash scripts/system-packages.sh
+	bash scripts/debian-packages.sh clickhouse-server:clickhouse-server chromium:chromium \
+		java:openjdk-17-jre-headless mvn:maven
 
 run: install kafka-jars
 	$(VENV)/bin/opentrack run
@@ -34,7 +37,7 @@ bench-freshness: install kafka-jars
 	$(PY) bench/freshness.py
 
 bench-pixel: install kafka-jars
-	bash scripts/bench-packages.sh
+	bash scripts/debian-packages.sh wrk:wrk nginx:nginx-light
 	$(PY) bench/pixel/run.py --runs 3
 
 bench-worker: install kafka-jars
