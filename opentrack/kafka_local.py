@@ -11,12 +11,13 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from importlib.resources import files
 from pathlib import Path
+
+from opentrack.processes import stop_process_group
 
 KAFKA_VERSION = "3.9.1"
 BROKER_MAIN = "kafka.Kafka"
@@ -189,14 +190,7 @@ class LocalKafka:
         proc, self.process = self.process, None
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "bootstrap").unlink()
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout)
 
     def __enter__(self) -> LocalKafka:
         return self.start()

@@ -8,10 +8,8 @@ first (so the producer flushes), the broker last.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opentrack.kafka_local import LocalKafka
+from opentrack.processes import stop_process_group
 from opentrack.settings import Settings
 from opentrack.topics import ensure_topics
 
@@ -45,16 +44,7 @@ class Child:
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout)
 
 
 class Stack:

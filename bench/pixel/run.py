@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from ingest.pixel import GIF  # noqa: E402
 from opentrack.events import TOPIC_OPENS_RAW  # noqa: E402
 from opentrack.kafka_local import LocalKafka, free_port  # noqa: E402
+from opentrack.processes import stop_process_group  # noqa: E402
 from opentrack.topics import ensure_topics  # noqa: E402
 
 API_KEY = "bench-pixel-api-key-0123456789"
@@ -89,17 +90,7 @@ class Processes:
         return proc
 
     def stop(self, name: str, timeout: float = 20.0) -> None:
-        proc = self.running.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(self.running.pop(name, None), timeout)
 
     def stop_all(self) -> None:
         for name in list(self.running):
