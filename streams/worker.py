@@ -66,6 +66,10 @@ def create_worker_app(
         web_enabled=False,
         producer_acks=-1,
         broker_commit_interval=1.0,
+        # Outputs are published before the offsets of the events that made them are
+        # committed: a worker killed in between must not lose a state the warehouse needs
+        # (found by the SIGKILL recovery test: a stale email_state row, never re-sent).
+        stream_publish_on_commit=True,
         # a killed worker's partitions move to the others after 10 s, not Kafka's 45 s
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
