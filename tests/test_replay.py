@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 
 from opentrack.events import RawOpen, now_ms
@@ -68,7 +69,8 @@ def some_traffic(stack) -> list[str]:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known bug (issue 4 note): after the SIGKILL tests, outputs of a worker SIGKILLed mid-stream can be lost before "
+    "known bug (issue 4 note): after the SIGKILL tests, outputs of a worker SIGKILLed "
+    "mid-stream can be lost before "
     "the offsets commit, leaving a stale warehouse row; the worker's own state is right"))
 def test_replay_everything_twice_changes_nothing(running_stack) -> None:
     some_traffic(running_stack)
