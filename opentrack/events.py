@@ -159,6 +159,8 @@ class EmailState(Event):
     last_opened_at: int | None = None
     last_human_opened_at: int | None = None
     revision: int = 0
+    # the first counted human (or proxy) open: time to first human open, per template etc.
+    first_human_opened_at: int | None = None
 
 
 @dataclass(slots=True)

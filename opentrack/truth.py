@@ -42,4 +42,5 @@ def expected_state(loads: Iterable[RawOpen], window_ms: int, is_machine: IsMachi
         "first_opened_at": counted[0].received_at if counted else None,
         "last_opened_at": counted[-1].received_at if counted else None,
         "last_human_opened_at": human[-1].received_at if human else None,
+        "first_human_opened_at": human[0].received_at if human else None,
     }

@@ -99,6 +99,7 @@ class Folded:
     last_human_opened_at: int | None = None
     last_counted: dict[str, int] = field(default_factory=dict)  # fingerprint → time
     event_ids: list[str] = field(default_factory=list)  # short ids, to drop their replays
+    first_human_opened_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -125,7 +126,8 @@ class EmailRecord:
             "loads": [load.to_list() for load in self.loads],
             "pending": self.pending,
             "folded": [f.open_count, f.human_open_count, f.raw_load_count, f.first_opened_at,
-                       f.last_opened_at, f.last_human_opened_at, f.last_counted, f.event_ids],
+                       f.last_opened_at, f.last_human_opened_at, f.last_counted, f.event_ids,
+                       f.first_human_opened_at],
             "state": self.state.to_dict() if self.state else None,
         }
 
@@ -183,8 +185,10 @@ def apply_send(
     tracked: TrackingAt = always_tracked,
 ) -> Outcome:
     """Learn the send; loads that arrived before it are processed now, in time order."""
-    if record.send_known or record.erased:  # the same send again changes nothing
-        return Outcome()
+    if record.erased:
+        return Outcome(replay=True)
+    if record.send_known:  # the same send again changes nothing, but says it again
+        return _said_again(record, record.loads)
     record.sent_at = send.sent_at
     record.profile_id = send.profile_id
     record.tracking = send.tracking
@@ -207,8 +211,11 @@ def apply_load(
     window_ms: int,
     tracked: TrackingAt = always_tracked,
 ) -> Outcome:
-    if record.erased or record.has_seen(raw.event_id):
+    if record.erased:
         return Outcome(replay=True)
+    if record.has_seen(raw.event_id):
+        kept = [load for load in record.loads if load.event_id == raw.event_id]
+        return _said_again(record, kept)
     if not record.send_known:
         if len(record.pending) < MAX_PENDING:
             record.pending.append(raw.to_dict())
@@ -275,6 +282,20 @@ def replay_load(
     return outcome
 
 
+def _said_again(record: EmailRecord, loads: list[Load]) -> Outcome:
+    """A replay changes nothing, but what the event made is emitted again as it is now.
+
+    A worker killed after its table's changelog was written but before its outputs were
+    published would otherwise recognise the re-delivered event as a replay and never send
+    them: the warehouse would keep a stale state. The outputs carry the current revisions,
+    so the warehouse collapses the copies it already has.
+    """
+    if record.state is None:
+        return Outcome(replay=True)
+    return Outcome(opens=[load.processed(record.email_id) for load in loads],
+                   state=record.state, replay=True)
+
+
 def client_fingerprint(user_agent: str, client: str) -> str:
     """Same client = same user agent and same anonymised network; hashed to keep state small."""
     return hashlib.blake2b(f"{user_agent}\x00{client}".encode(), digest_size=8).hexdigest()
@@ -309,6 +330,7 @@ def _fold_oldest(record: EmailRecord) -> None:
         f.last_opened_at = load.received_at
         if load.load_class != "machine":
             f.human_open_count += 1
+            f.first_human_opened_at = f.first_human_opened_at or load.received_at
             f.last_human_opened_at = load.received_at
 
 
@@ -328,6 +350,8 @@ def _compute_state(record: EmailRecord) -> EmailState:
         first_opened_at=f.first_opened_at or (counted[0].received_at if counted else None),
         last_opened_at=counted[-1].received_at if counted else f.last_opened_at,
         last_human_opened_at=human[-1].received_at if human else f.last_human_opened_at,
+        first_human_opened_at=f.first_human_opened_at or (
+            human[0].received_at if human else None),
     )
 
 

@@ -6,8 +6,9 @@ per-partition order against one table entry; the logic lives in ``streams.state`
 Processing guarantee: at-least-once (Faust's default, no Kafka transactions). After a
 crash, events between the last committed offset and the crash are processed again; the
 table remembers every event id it has applied (its changelog is written before offsets are
-committed), so a re-processed load is recognised as a replay and changes nothing, and the
-outputs it emits again carry the same revisions, which the warehouse de-duplicates.
+committed), so a re-processed load is recognised as a replay and changes nothing. The
+changelog can be ahead of the outputs (a kill between the two), so a replay emits again
+what its event made, with the current revisions, which the warehouse de-duplicates.
 """
 
 from __future__ import annotations
@@ -117,20 +118,20 @@ def create_worker_app(
                 WORKER_EVENTS.labels(topic=topic, outcome="invalid").inc()
                 log.warning("skipping malformed event on %s: %s", topic, exc)
                 continue
-            if outcome.replay and not outcome.opens and outcome.state is None:
+            if outcome.replay:
                 WORKER_EVENTS.labels(topic=topic, outcome="replay").inc()
-                continue
-            if outcome.tracking_off:
+            elif outcome.tracking_off:
                 dropped = outcome.tracking_off
                 WORKER_EVENTS.labels(topic=topic, outcome="tracking_off").inc(dropped)
-            emails[key] = record.to_dict()
+            if not outcome.replay or outcome.reclassified:
+                emails[key] = record.to_dict()
             for opened in outcome.opens:
                 await processed.send(key=key.encode(), value=opened.to_bytes())
             if outcome.state is not None:
                 await states.send(key=key.encode(), value=outcome.state.to_bytes())
             if outcome.parked:
                 WORKER_EVENTS.labels(topic=topic, outcome="parked").inc()
-            elif not outcome.tracking_off:
+            elif not outcome.tracking_off and not outcome.replay:
                 WORKER_EVENTS.labels(topic=topic, outcome="applied").inc()
 
     return app

@@ -80,13 +80,34 @@ def test_window_edges() -> None:
     assert state_of(record) == reference(loads)
 
 
-def test_replay_changes_nothing_and_emits_nothing() -> None:
-    first = load("a", SENT + 5)
-    record, _ = process([send(), first])
+def test_replay_changes_nothing_and_says_again_what_it_made() -> None:
+    first, second = load("a", SENT + 5), load("b", SENT + 600_000)
+    record, _ = process([send(), first, second])
     before = record.to_dict()
     outcome = apply_load(record, first, by_agent, WINDOW)
-    assert outcome.replay and not outcome.opens and outcome.state is None
     assert record.to_dict() == before
+    # the outputs a killed worker may not have published, as they are now (same revisions)
+    assert outcome.replay
+    assert [o.event_id for o in outcome.opens] == ["a"]
+    assert outcome.opens[0].revision == record.loads[0].revision
+    assert outcome.state == record.state
+
+
+def test_a_send_again_changes_nothing_and_says_again_every_load() -> None:
+    loads = [load("a", SENT + 5), load("b", SENT + 600_000)]
+    record, _ = process([send(), *loads])
+    before = record.to_dict()
+    outcome = apply_send(record, send(), by_agent, WINDOW)
+    assert record.to_dict() == before
+    assert outcome.replay and sorted(o.event_id for o in outcome.opens) == ["a", "b"]
+    assert outcome.state == record.state
+
+
+def test_a_replayed_load_of_an_email_without_state_emits_nothing() -> None:
+    parked = load("a", SENT + 5)
+    record, _ = process([parked])
+    outcome = apply_load(record, parked, by_agent, WINDOW)
+    assert outcome.replay and not outcome.opens and outcome.state is None
 
 
 def test_loads_before_the_send_are_parked_then_processed() -> None:
@@ -113,7 +134,9 @@ def test_folding_keeps_counts_exact_and_drops_old_replays() -> None:
 
 def test_registering_the_same_send_twice_changes_nothing() -> None:
     record, _ = process([send(), load("a", SENT + 10)])
-    assert apply_send(record, send(), by_agent, WINDOW).state is None
+    revision = record.state.revision
+    again = apply_send(record, send(), by_agent, WINDOW)
+    assert again.replay and again.state.revision == revision == record.state.revision
 
 
 def test_machine_loads_count_apart() -> None:
