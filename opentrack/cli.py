@@ -141,6 +141,35 @@ def loader() -> None:
 
 
 @main.command()
+@click.option("--emails", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="How many sends to register.")
+@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Simulated days the sends are spread over (ending last midnight UTC).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the workload (default: a new one; printed, to repeat a run).")
+@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="Requests in flight at most.")
+@click.option("--wait", "wait_timeout", default=120.0, show_default=True,
+              help="Seconds to wait for the pipeline to process the last loads (0: do not).")
+def demo(emails: int, days: float, seed: int | None, concurrency: int,
+         wait_timeout: float) -> None:
+    """Send a realistic labelled workload through the running stack's public endpoints:
+    registrations, pixel loads of every kind (people, Gmail and Yahoo proxies, Apple's
+    prefetch, scanners, bots, repeated loads), replies and unsubscribes; then print the
+    dashboards' URLs. Reads the same OPENTRACK_* settings as the stack."""
+    import random
+
+    from opentrack.demo import run_demo
+
+    settings = _settings()
+    _logging(settings)
+    seed = random.SystemRandom().randrange(1 << 30) if seed is None else seed
+    result = run_demo(settings, emails, days, seed, concurrency, wait_timeout, click.echo)
+    if result.failures:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--port", type=int, default=None, help="Broker port (default: a free one).")
 def kafka(port: int | None) -> None:
     """Run a local single-node Kafka broker (KRaft) under the data dir until Ctrl-C."""
