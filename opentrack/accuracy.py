@@ -108,7 +108,9 @@ def report(
 
 
 def _state_errors(truth: Mapping[str, dict], states: Mapping[str, Mapping]) -> StateErrors:
-    fields = list(next(iter(truth.values()), _EMPTY_STATE))
+    # the fields the states carry: a sink may keep fewer than the stream's state has
+    carried = next(iter(states.values()), _EMPTY_STATE)
+    fields = [name for name in next(iter(truth.values()), _EMPTY_STATE) if name in carried]
     field_errors = dict.fromkeys(fields, 0)
     abs_errors = dict.fromkeys(COUNTERS, 0)
     emails_wrong = missing = wrongly_opened = wrongly_unopened = 0
