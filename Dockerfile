@@ -8,5 +8,5 @@ COPY warehouse ./warehouse
 COPY dashboards ./dashboards
 RUN pip install --no-cache-dir .
 ENV OPENTRACK_DATA_DIR=/var/lib/opentrack
-EXPOSE 8000
+EXPOSE 8000 9100
 CMD ["opentrack", "run"]

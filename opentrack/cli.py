@@ -21,12 +21,29 @@ def _settings() -> Settings:
         raise click.UsageError(str(exc)) from exc
 
 
-def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+def _logging(settings: Settings, component: str) -> None:
+    """JSON logs on stderr at OPENTRACK_LOG_LEVEL, secrets redacted (opentrack.logs)."""
+    from opentrack.logs import configure
+
+    configure(settings, component)
+
+
+def _serve_metrics(settings: Settings, offset: int = 0) -> None:
+    """Prometheus metrics of a worker or loader on OPENTRACK_METRICS_LISTEN (port + offset,
+    so that several workers on one machine each get their own); off when unset."""
+    if settings.metrics_listen is None:
+        return
+    from prometheus_client import start_http_server
+
+    host, port = settings.metrics_listen
+    try:
+        start_http_server(port + offset, addr=host)
+    except OSError as exc:
+        raise click.UsageError(
+            f"cannot serve metrics on {host}:{port + offset} (OPENTRACK_METRICS_LISTEN): {exc}"
+        ) from exc
+    logging.getLogger("opentrack.metrics").info(
+        "metrics at http://%s:%d/metrics", host, port + offset)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -61,7 +78,7 @@ def run() -> None:
     from opentrack.stack import Stack
 
     settings = _settings()
-    _logging(settings)
+    _logging(settings, "run")
     stack = Stack(settings)
     stopping = _stop_on_signals()
     try:
@@ -72,7 +89,7 @@ def run() -> None:
             f"\nOpenTrack is running.\n"
             f"  pixel and API : {base}\n"
             f"  health        : {base}/healthz\n"
-            f"  metrics       : {base}/metrics\n"
+            f"  metrics       : {', '.join(stack.metrics_urls().values())}\n"
             f"  Kafka         : {stack.env.get('OPENTRACK_KAFKA_BOOTSTRAP')}\n"
             f"  data dir      : {settings.data_dir}\n"
             f"  logs          : {stack.log_dir}\n"
@@ -95,8 +112,10 @@ def web() -> None:
     from granian import Granian
     from granian.constants import Interfaces
 
+    from opentrack.logs import logging_config
+
     settings = _settings()
-    _logging(settings)
+    _logging(settings, "web")
     if settings.web_workers > 1:
         metrics_dir = settings.data_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -112,6 +131,7 @@ def web() -> None:
         workers=settings.web_workers,
         blocking_threads=settings.web_threads,
         log_level=settings.log_level.lower(),
+        log_dictconfig=logging_config(settings, "web"),
         respawn_failed_workers=True,
     ).serve()
 
@@ -124,6 +144,8 @@ def worker(instance: int) -> None:
     from streams.worker import run_worker
 
     settings = _settings()
+    _logging(settings, "worker")
+    _serve_metrics(settings, offset=instance)
     _ensure_topics(settings)
     sys.argv = [sys.argv[0], "worker"]  # Faust parses the command line itself
     run_worker(settings, instance)
@@ -135,7 +157,8 @@ def loader() -> None:
     from warehouse.service import run_loader
 
     settings = _settings()
-    _logging(settings)
+    _logging(settings, "loader")
+    _serve_metrics(settings)
     _ensure_topics(settings)
     run_loader(settings)
 
@@ -162,7 +185,7 @@ def demo(emails: int, days: float, seed: int | None, concurrency: int,
     from opentrack.demo import run_demo
 
     settings = _settings()
-    _logging(settings)
+    _logging(settings, "demo")
     seed = random.SystemRandom().randrange(1 << 30) if seed is None else seed
     result = run_demo(settings, emails, days, seed, concurrency, wait_timeout, click.echo)
     if result.failures:
@@ -177,7 +200,7 @@ def kafka(port: int | None) -> None:
     from opentrack.topics import ensure_topics
 
     settings = _settings()
-    _logging(settings)
+    _logging(settings, "kafka")
     broker = LocalKafka(settings.data_dir / "kafka", settings.partitions, port=port)
     broker.start()
     ensure_topics(broker.bootstrap, settings.partitions)
@@ -227,6 +250,7 @@ def replay(from_beginning: bool, from_time: str | None, from_offsets: str | None
     if sum(map(bool, (from_beginning, from_time, from_offsets))) != 1:
         raise click.UsageError("give exactly one of --from-beginning, --from-time, --from-offsets")
     settings = _settings()
+    _logging(settings, "replay")
     try:
         start = parse_time(from_time, "--from-time") if from_time else None
         end = parse_time(to_time, "--to-time") if to_time else None

@@ -32,6 +32,18 @@ def _number(env: dict[str, str], name: str, default: float, minimum: float = 0) 
     return value
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(env: dict[str, str]) -> str:
+    level = (env.get("OPENTRACK_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(
+            f"OPENTRACK_LOG_LEVEL={level!r}: expected one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
+
+
 def _secret_file(path: Path, nbytes: int) -> str:
     """Generate a secret once and keep it, so restarts keep tokens and keys valid."""
     try:
@@ -64,6 +76,8 @@ class Settings:
     web_threads: int
     log_level: str
     rules_path: Path | None = None
+    # where a worker's or loader's Prometheus metrics are served (the web has /metrics)
+    metrics_listen: tuple[str, int] | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -89,8 +103,10 @@ class Settings:
             partitions=int(_number(env, "OPENTRACK_PARTITIONS", 4, minimum=1)),
             web_workers=int(_number(env, "OPENTRACK_WEB_WORKERS", 2, minimum=1)),
             web_threads=int(_number(env, "OPENTRACK_WEB_THREADS", 4, minimum=1)),
-            log_level=(env.get("OPENTRACK_LOG_LEVEL") or "INFO").upper(),
+            log_level=_log_level(env),
             rules_path=Path(env["OPENTRACK_RULES"]) if env.get("OPENTRACK_RULES") else None,
+            metrics_listen=_host_port(env["OPENTRACK_METRICS_LISTEN"], "OPENTRACK_METRICS_LISTEN")
+            if env.get("OPENTRACK_METRICS_LISTEN") else None,
         )
 
     @property

@@ -32,12 +32,13 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    env: dict[str, str] = field(default_factory=dict)  # this child's own settings
 
     def start(self, env: dict[str, str], log_dir: Path) -> None:
         out = open(log_dir / f"{self.name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             [sys.executable, "-m", "opentrack.cli", *self.args],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         out.close()
         self.started_at = time.monotonic()
@@ -57,6 +58,9 @@ class Stack:
             Child("worker", ["worker"]),
             Child("web", ["web"]),
         ]
+        if settings.metrics_listen is not None:  # one port each: the loader's, then the worker's
+            host, port = settings.metrics_listen
+            self.child("worker").env["OPENTRACK_METRICS_LISTEN"] = f"{host}:{port + 1}"
         self.log_dir = settings.data_dir / "logs"
 
     def start(self) -> None:
@@ -119,3 +123,12 @@ class Stack:
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Where each process serves its Prometheus metrics."""
+        urls = {"web": f"{self.base_url}/metrics"}
+        if self.settings.metrics_listen is not None:
+            host, port = self.settings.metrics_listen
+            urls["loader"] = f"http://{host}:{port}/metrics"
+            urls["worker"] = f"http://{host}:{port + 1}/metrics"
+        return urls

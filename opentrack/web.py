@@ -18,6 +18,7 @@ from dashboards import pages as dashboard_pages
 from ingest import intake, pixel
 from ingest.metrics import API_REQUESTS
 from ingest.publish import Publisher
+from opentrack.health import Readiness
 from opentrack.http import json_error
 from opentrack.per_process import PerProcess
 from opentrack.profiles import ProfileFollower, ProfileSwitches
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, eager: bool = True) -> Flask:
         return follower.switches
 
     app.extensions["opentrack.profiles"] = PerProcess(follow_profiles)
+    app.extensions["opentrack.readiness"] = PerProcess(lambda: Readiness(settings))
 
     app.register_blueprint(intake.bp)
     app.register_blueprint(crm_api.bp)
@@ -61,8 +63,15 @@ def create_app(settings: Settings | None = None, eager: bool = True) -> Flask:
     app.wsgi_app = pixel.pixel_in_front(app, app.wsgi_app)  # type: ignore[method-assign]
 
     @app.get("/healthz")
-    def healthz() -> Response:
-        return jsonify({"status": "ok"})
+    def healthz() -> tuple[Response, int]:
+        """Readiness: 200 when Kafka and the warehouse answer, else 503 saying which not."""
+        ready, report = app.extensions["opentrack.readiness"]().report()
+        return jsonify(report), 200 if ready else 503
+
+    @app.get("/livez")
+    def livez() -> Response:
+        """Liveness: the process serves requests (the pixel works even with Kafka away)."""
+        return jsonify({"status": "alive"})
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -33,7 +33,7 @@ def start_web(env: dict[str, str], log_dir: Path) -> Child:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
+            if requests.get(f"{base}/livez", timeout=1).status_code == 200:
                 return web
         except requests.RequestException:
             time.sleep(0.2)

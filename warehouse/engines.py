@@ -16,13 +16,48 @@ import http.client
 import json
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from clickhouse_driver.util.escape import escape_params
+from prometheus_client import Histogram
 
 Row = dict[str, Any]
+T = TypeVar("T")
+
+WAREHOUSE_QUERY_SECONDS = Histogram(
+    "opentrack_warehouse_query_seconds",
+    "Time of one warehouse statement as this process sees it, by engine (chdb, server, "
+    "remote: through the embedded warehouse's owner) and statement kind",
+    ["engine", "kind"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STATEMENT_KINDS = frozenset({
+    "select", "insert", "alter", "create", "drop", "optimize", "system", "show", "describe",
+    "exists", "truncate", "set", "rename",
+})
+
+
+def statement_kind(sql: str) -> str:
+    """The statement's first keyword, from a small fixed set (a bounded metric label)."""
+    head = sql.lstrip().split(None, 1)[0].lower() if sql.strip() else ""
+    if head == "with":
+        return "select"
+    return head if head in STATEMENT_KINDS else "other"
+
+
+def timed(engine: str, sql: str, run: Callable[[], T]) -> T:
+    """Run one statement, observing its time in ``opentrack_warehouse_query_seconds``."""
+    started = time.perf_counter()
+    try:
+        return run()
+    finally:
+        WAREHOUSE_QUERY_SECONDS.labels(engine=engine, kind=statement_kind(sql)).observe(
+            time.perf_counter() - started
+        )
 
 
 class WarehouseUnavailable(RuntimeError):
@@ -69,7 +104,7 @@ class ChdbEngine:
     def _run(self, sql: str, fmt: str = "JSONCompact") -> Any:
         with self._lock:
             try:
-                return self._session.query(sql, fmt)
+                return timed("chdb", sql, lambda: self._session.query(sql, fmt))
             except Exception as exc:
                 raise RuntimeError(f"chDB query failed: {exc}") from exc
 
@@ -99,10 +134,13 @@ class ChdbEngine:
 
 
 class ServerEngine:
-    """clickhouse-driver, one connection per thread (the driver's client is not thread-safe)."""
+    """clickhouse-driver, one connection per thread (the driver's client is not thread-safe).
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    ``timeout`` (seconds) bounds connecting and each exchange, for callers that must answer
+    quickly (the health check); the driver's defaults otherwise."""
+
+    def __init__(self, url: str, timeout: float | None = None) -> None:
+        self.url = url if timeout is None else _with_timeouts(url, timeout)
         self._local = threading.local()
 
     def _client(self) -> Any:
@@ -118,7 +156,7 @@ class ServerEngine:
         from clickhouse_driver.errors import NetworkError, ServerException
 
         try:
-            return self._client().execute(*args, **kwargs)
+            return timed("server", args[0], lambda: self._client().execute(*args, **kwargs))
         except (TimeoutError, NetworkError, EOFError, OSError) as exc:
             self._local.client = None
             raise WarehouseUnavailable(f"ClickHouse server unreachable: {exc}") from exc
@@ -191,7 +229,8 @@ class RemoteEngine:
         raise AssertionError("unreachable")
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[Row]:
-        return self._post("/query", {"sql": sql, "params": params or {}})["rows"]
+        payload = {"sql": sql, "params": params or {}}
+        return timed("remote", sql, lambda: self._post("/query", payload))["rows"]
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
         raise PermissionError("the embedded warehouse takes writes only from its owner process")
@@ -212,8 +251,20 @@ def writer_engine(clickhouse_url: str | None, data_dir: Path) -> Engine:
     return ChdbEngine(Path(data_dir) / "warehouse")
 
 
-def reader_engine(clickhouse_url: str | None, socket_path: Path) -> Engine:
-    """The engine of a process that only reads (the web server)."""
+def reader_engine(
+    clickhouse_url: str | None, socket_path: Path, timeout: float | None = None
+) -> Engine:
+    """The engine of a process that only reads (the web server); ``timeout`` bounds each
+    query's connection and exchange (default: 30 s through the socket, the driver's own)."""
     if clickhouse_url:
-        return ServerEngine(clickhouse_url)
-    return RemoteEngine(socket_path)
+        return ServerEngine(clickhouse_url, timeout)
+    return RemoteEngine(socket_path, 30.0 if timeout is None else timeout)
+
+
+def _with_timeouts(url: str, seconds: float) -> str:
+    """The ClickHouse URL with clickhouse-driver's connect and exchange timeouts set."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    for name in ("connect_timeout", "send_receive_timeout", "sync_request_timeout"):
+        query[name] = str(seconds)
+    return urlunsplit(parts._replace(query=urlencode(query)))

@@ -315,7 +315,7 @@ def start_web(procs: Processes, data_dir: Path, bootstrap: str) -> Web:
     proc = procs.start("opentrack-web", [sys.executable, "-m", "opentrack.cli", "web"], env=env,
                        cwd=ROOT)
     web = Web(f"http://127.0.0.1:{port}", data_dir)
-    wait_http(f"{web.base}/healthz", proc, procs, "opentrack-web")
+    wait_http(f"{web.base}/livez", proc, procs, "opentrack-web")
     return web
 
 
