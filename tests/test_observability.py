@@ -47,9 +47,11 @@ def test_log_lines_are_json_at_the_level_without_secrets(tmp_path: Path) -> None
                                   "OPENTRACK_LOG_LEVEL": "info"})
     config = logging_config(settings, "loader")
     stream = io.StringIO()
+    root = logging.getLogger()
+    touched = [root, *(logging.getLogger(name) for name in config["loggers"])]
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in touched]
     logging.config.dictConfig(config)
-    handler = logging.getLogger().handlers[0]
-    handler.setStream(stream)  # type: ignore[attr-defined]
+    root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
     try:
         log = logging.getLogger("opentrack.test")
         log.debug("not at INFO")
@@ -60,8 +62,11 @@ def test_log_lines_are_json_at_the_level_without_secrets(tmp_path: Path) -> None
             raise RuntimeError(f"failed with {OLD_SECRET} and {CH_PASSWORD}")
         except RuntimeError:
             log.exception("with a traceback")
-    finally:
-        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+    finally:  # put back what pytest had
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
     lines = assert_json_lines(stream.getvalue(), "loader")
     assert [line["level"] for line in lines] == ["INFO", "WARNING", "ERROR"]
     assert "tok.en-123" not in stream.getvalue() and REDACTED in lines[0]["message"]
