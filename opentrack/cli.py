@@ -268,17 +268,18 @@ def replay(from_beginning: bool, from_time: str | None, from_offsets: str | None
         consumer.close()
     click.echo(replaying.describe(ranges))
     if dry_run:
+        if replaying.uses_reload(into, reclassify):
+            click.echo(replaying.describe_reload(settings, ranges))
         click.echo("dry run: nothing was re-processed")
         return
     engine = reader_engine(settings.clickhouse_url, settings.warehouse_socket)
-    summary = replaying.replay(settings, ranges, into=into, reclassify=reclassify,
-                               engine=engine, wait_timeout=wait_timeout)
-    click.echo(
-        f"replayed {summary.read} events ({summary.published} re-published) touching "
-        f"{len(summary.emails)} emails in {summary.seconds:.1f}s\n"
-        f"changed states: {summary.changed_states}, changed open rows: "
-        f"{summary.changed_rows}, loads that changed class: {summary.reclassified}"
-    )
+    try:
+        summary = replaying.replay(settings, ranges, into=into, reclassify=reclassify,
+                                   engine=engine, wait_timeout=wait_timeout)
+    except replaying.ReplayFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(replaying.report(summary))
     if not summary.caught_up:
         click.echo("warning: the worker or the loader had not caught up when the wait ended; "
                    "the counts above may be partial", err=True)

@@ -1,23 +1,34 @@
 """`opentrack replay`: re-process a range of the raw stream while the stack runs.
 
-Everything goes through Kafka and the running processes, never around them: raw opens in
-the range are sent to ``opens.replay`` for the worker that owns each email (the embedded
-warehouse stays owned by the loader). There the worker applies a load it does not know (a
-rebuild), re-applies the current rules with ``--reclassify`` (only verdicts that change
-change the state), and with ``--into warehouse`` emits every load and state again, which the
-warehouse's ReplacingMergeTrees absorb. Sends and engagement in the range are re-published
-to their own topics for the warehouse. So replaying any range any number of times changes
-no count, unless the rules changed.
+Everything goes through Kafka and the running processes, never around them (the embedded
+warehouse stays owned by the loader). Two paths:
 
-A range that Kafka no longer holds (its log start moved past it) is refused with exit code
-3: a replay is never silently partial.
+- Through the worker (``--into state|all``, and any ``--reclassify``): raw opens in the range
+  are sent to ``opens.replay`` for the worker that owns each email. There the worker applies
+  a load it does not know (a rebuild), re-applies the current rules with ``--reclassify``
+  (only verdicts that change change the state), and with ``--into all`` emits every load
+  and state again, which the warehouse's ReplacingMergeTrees absorb. Sends and engagement in
+  the range are re-published to their own topics for the warehouse. Bounded by the worker.
+- A warehouse reload (``--into warehouse`` without ``--reclassify``): what the worker made
+  from the range is already in Kafka (``opens.processed``, ``email_state``), beside the sends
+  and the engagement, so the loader process reads those again and writes them its own way
+  (``warehouse.reload``), asked over the warehouse socket. No worker, no re-publishing:
+  bounded by Kafka and ClickHouse. Raw loads older than what ``opens.processed`` still keeps
+  (7 days) go through the worker as above; ``email_state`` and ``emails.sent`` are compacted
+  and ``engagement.raw`` and ``erasures`` are kept for ever, so they are always complete.
+
+Either way, replaying any range any number of times changes no count, unless the rules
+changed. A range that Kafka no longer holds (its log start moved past it) is refused with
+exit code 3: a replay is never silently partial.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +48,15 @@ from opentrack.settings import Settings
 STREAMS_GROUP = "opentrack-streams"
 LOADER_GROUP = "opentrack-warehouse"
 EXIT_NOT_RETAINED = 3
+# The worker's outputs a warehouse reload reads, besides sends and engagement.
+WORKER_OUTPUTS = (TOPIC_OPENS_PROCESSED, TOPIC_EMAIL_STATE)
+# Outputs are stamped when the worker made them, after the raw load, by another host's clock:
+# a reload from a time starts this much earlier (re-writing a few rows more is harmless).
+CLOCK_MARGIN_MS = 5 * 60 * 1000
+
+
+class ReplayFailed(RuntimeError):
+    """The replay could not be completed (the message says why)."""
 
 
 class NotRetained(RuntimeError):
@@ -66,6 +86,7 @@ class Summary:
     seconds: float = 0.0
     caught_up: bool = True
     emails: set[str] = field(default_factory=set)
+    reload: dict[str, Any] | None = None  # the warehouse reload's result, when there was one
 
 
 def topics_for(into: str) -> list[str]:
@@ -172,6 +193,8 @@ class Progress:
             self._bar = tqdm(total=total, unit="ev", unit_scale=True, desc=label)
 
     def update(self, n: int = 1) -> None:
+        if n <= 0:
+            return
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
@@ -237,6 +260,11 @@ def snapshot(engine: Any, email_ids: set[str]) -> tuple[dict, dict]:
     return states, opens
 
 
+def uses_reload(into: str, reclassify: bool) -> bool:
+    """A warehouse-only replay needs the worker's outputs, not the worker."""
+    return into == "warehouse" and not reclassify
+
+
 def replay(
     settings: Settings,
     ranges: list[Range],
@@ -246,6 +274,23 @@ def replay(
     engine: Any = None,
     wait_timeout: float = 600.0,
 ) -> Summary:
+    """Re-process ``ranges`` (from ``plan``) the fastest way that gives the same warehouse."""
+    if uses_reload(into, reclassify):
+        return reload_warehouse(settings, ranges, engine=engine, wait_timeout=wait_timeout)
+    return through_worker(settings, ranges, into=into, reclassify=reclassify, engine=engine,
+                          wait_timeout=wait_timeout)
+
+
+def through_worker(
+    settings: Settings,
+    ranges: list[Range],
+    *,
+    into: str,
+    reclassify: bool,
+    engine: Any = None,
+    wait_timeout: float = 600.0,
+) -> Summary:
+    """Raw opens to ``opens.replay`` for the worker; sends and engagement re-published."""
     from kafka import KafkaConsumer, KafkaProducer
 
     started = time.monotonic()
@@ -291,6 +336,219 @@ def replay(
             1 for k, v in after[1].items() if k in before[1] and before[1][k][0] != v[0])
     summary.seconds = time.monotonic() - started
     return summary
+
+
+@dataclass
+class ReloadPlan:
+    """What a warehouse reload reads, and the raw loads it must leave to the worker."""
+
+    spans: list[Range]  # the loader re-reads these (outputs, sends, engagement)
+    through_worker: list[Range]  # raw loads older than what opens.processed still keeps
+    since_ms: int | None  # the outputs' start time; None: from their beginning
+
+
+def plan_reload(consumer: Any, raw_plan: list[Range]) -> ReloadPlan:
+    """The reload of the range ``raw_plan`` covers: sends and engagement as planned, the
+    worker's outputs from the range's first event (less ``CLOCK_MARGIN_MS``) up to now,
+    because an event's outputs may have been made any time after it. The raw loads whose
+    ``opens.processed`` records retention has deleted go through the worker instead."""
+    from kafka import TopicPartition
+
+    inputs = [r for r in raw_plan if r.count]  # raw loads, sends (their states), engagement
+    spans = [r for r in inputs if r.topic in (TOPIC_SENDS, TOPIC_ENGAGEMENT)]
+    tps = [TopicPartition(r.topic, r.partition) for r in inputs]
+    firsts = consumer.beginning_offsets(tps) if tps else {}
+    since_ms: int | None = None  # from the outputs' beginning, unless the range starts later
+    if any(r.start > firsts[tp] for r, tp in zip(inputs, tps, strict=True)):
+        stamps = [_timestamp_at(consumer, tp, r.start) for r, tp in zip(inputs, tps, strict=True)]
+        known = [t for t in stamps if t is not None]
+        since_ms = min(known) - CLOCK_MARGIN_MS if known else None
+    raw = [r for r in inputs if r.topic == TOPIC_OPENS_RAW]
+    raw_tps = [TopicPartition(r.topic, r.partition) for r in raw]
+    kept_from = None  # when the oldest opens.processed record still kept was made
+    for topic in WORKER_OUTPUTS if inputs else ():
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        firsts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        starts = dict(firsts)
+        if since_ms is not None:
+            found = consumer.offsets_for_times({tp: since_ms for tp in tps})
+            starts = {tp: found[tp].offset if found[tp] else ends[tp] for tp in tps}
+        spans += [Range(topic, tp.partition, starts[tp], ends[tp]) for tp in tps]
+        if topic == TOPIC_OPENS_PROCESSED:
+            deleted = [tp for tp in tps if firsts[tp] > 0]
+            stamps = [_timestamp_at(consumer, tp, firsts[tp]) for tp in deleted]
+            kept_from = max((t for t in stamps if t is not None), default=None)
+    older: list[Range] = []
+    if kept_from is not None:  # loads before it may have lost their processed records
+        cut = consumer.offsets_for_times({tp: kept_from + CLOCK_MARGIN_MS for tp in raw_tps})
+        for r, tp in zip(raw, raw_tps, strict=True):
+            end = min(r.end, cut[tp].offset if cut[tp] else r.end)
+            if end > r.start:
+                older.append(Range(r.topic, r.partition, r.start, end))
+    return ReloadPlan(spans, older, since_ms)
+
+
+def reload_warehouse(
+    settings: Settings, ranges: list[Range], *, engine: Any = None, wait_timeout: float = 600.0
+) -> Summary:
+    """A warehouse-only replay: the loader process re-reads the outputs of the range."""
+    from kafka import KafkaConsumer
+
+    started = time.monotonic()
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    try:
+        reload_plan = plan_reload(consumer, ranges)
+    finally:
+        consumer.close()
+    summary = Summary(reload_plan.spans + reload_plan.through_worker)
+    if reload_plan.through_worker:
+        print(f"{sum(r.count for r in reload_plan.through_worker)} raw loads are older than "
+              f"{TOPIC_OPENS_PROCESSED} keeps: they go through the worker first",
+              file=sys.stderr, flush=True)
+        older = through_worker(settings, reload_plan.through_worker, into="warehouse",
+                               reclassify=False, engine=engine, wait_timeout=wait_timeout)
+        summary.read, summary.published = older.read, older.published
+        summary.emails, summary.caught_up = older.emails, older.caught_up
+        summary.changed_states, summary.changed_rows = older.changed_states, older.changed_rows
+        summary.reclassified = older.reclassified
+    result = request_reload(settings, reload_plan.spans, reload_plan.since_ms)
+    summary.reload = result
+    summary.read += result["read"]
+    summary.changed_states += result["changed_states"]
+    summary.changed_rows += result["changed_rows"]
+    summary.reclassified += result["reclassified"]
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def request_reload(
+    settings: Settings, spans: list[Range], since_ms: int | None, *, diff: bool = True
+) -> dict[str, Any]:
+    """Has the process that owns the warehouse run the reload, with a progress bar; on a
+    ClickHouse server that is this process."""
+    progress = Progress(sum(r.count for r in spans), "reload")
+    shown = 0
+
+    def show(read: int) -> None:
+        nonlocal shown
+        progress.update(read - shown)
+        shown = read
+
+    try:
+        if settings.clickhouse_url:
+            result = _reload_here(settings, spans, since_ms, diff, show)
+        else:
+            result = _reload_in_loader(settings, spans, since_ms, diff, show)
+    finally:
+        progress.close()
+    if result.get("stopped"):
+        raise ReplayFailed("the reload was stopped before it read everything")
+    return result
+
+
+def _reload_here(settings: Settings, spans: list[Range], since_ms: int | None, diff: bool,
+                 show: Callable[[int], None]) -> dict[str, Any]:
+    from warehouse.engines import ServerEngine
+    from warehouse.reload import Reload, Span
+
+    engine = ServerEngine(settings.clickhouse_url or "")
+    job = Reload(engine, settings.bootstrap,
+                 [Span(r.topic, r.partition, r.start, r.end) for r in spans],
+                 since_ms=since_ms, diff=diff)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["done"] = job.run().to_dict()
+        except Exception as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=run, name="reload", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            show(job.progress()["read"])
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        job.stop()
+        thread.join()
+        raise
+    finally:
+        engine.close()
+    if "error" in outcome:
+        raise ReplayFailed(f"the warehouse reload failed: {outcome['error']}")
+    show(outcome["done"]["read"])
+    return outcome["done"]
+
+
+def _reload_in_loader(settings: Settings, spans: list[Range], since_ms: int | None, diff: bool,
+                      show: Callable[[int], None]) -> dict[str, Any]:
+    import http.client
+
+    from warehouse.engines import _UnixConnection
+
+    body = json.dumps({
+        "spans": [{"topic": r.topic, "partition": r.partition, "start": r.start, "end": r.end}
+                  for r in spans],
+        "since_ms": since_ms, "diff": diff,
+    }).encode()
+    # progress lines come every half second, even during a long insert
+    conn = _UnixConnection(settings.warehouse_socket, timeout=120.0)
+    try:
+        conn.request("POST", "/reload", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise ReplayFailed(f"the loader refused the reload: {response.read().decode()}")
+        for line in response:
+            message = json.loads(line)
+            if "progress" in message:
+                show(message["progress"]["read"])
+            elif "error" in message:
+                raise ReplayFailed(f"the warehouse reload failed: {message['error']}")
+            elif "done" in message:
+                show(message["done"]["read"])
+                return message["done"]
+    except (OSError, http.client.HTTPException) as exc:
+        raise ReplayFailed(
+            f"the loader does not answer at {settings.warehouse_socket} "
+            f"(is `opentrack loader` running?): {exc}") from exc
+    finally:
+        conn.close()
+    raise ReplayFailed("the loader ended the reload without a result; see its log")
+
+
+def report(summary: Summary) -> str:
+    """The summary the command prints."""
+    if summary.reload is None:
+        head = (f"replayed {summary.read} events ({summary.published} re-published) touching "
+                f"{len(summary.emails)} emails in {summary.seconds:.1f}s")
+    else:
+        rows = ", ".join(f"{table} {n}" for table, n in sorted(summary.reload["rows"].items()))
+        head = (f"reloaded the warehouse from {summary.read} events in "
+                f"{summary.seconds:.1f}s ({summary.read / max(summary.seconds, 1e-9):.0f} "
+                f"events/s): rows written: {rows or 'none'}; skipped (malformed or erased): "
+                f"{summary.reload['skipped']}; erasures applied again: "
+                f"{summary.reload['erasures_applied']}")
+        if summary.published:
+            head += f"; {summary.published} older raw loads went through the worker"
+    return (f"{head}\nchanged states: {summary.changed_states}, changed open rows: "
+            f"{summary.changed_rows}, loads that changed class: {summary.reclassified}")
+
+
+def describe_reload(settings: Settings, ranges: list[Range]) -> str:
+    """What ``--dry-run`` shows for a warehouse reload of ``ranges``."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    try:
+        reload_plan = plan_reload(consumer, ranges)
+    finally:
+        consumer.close()
+    lines = ["a warehouse reload (no worker): the loader re-reads", describe(reload_plan.spans)]
+    if reload_plan.through_worker:
+        lines += [f"raw loads older than {TOPIC_OPENS_PROCESSED} keeps, through the worker:",
+                  describe(reload_plan.through_worker)]
+    return "\n".join(lines)
 
 
 def describe(ranges: list[Range]) -> str:

@@ -1,5 +1,6 @@
 """`opentrack replay` against the running stack: idempotent replays, reclassification with
-changed rules, a rebuild from scratch, and a range Kafka no longer holds."""
+changed rules, a rebuild from scratch, a warehouse rebuilt by a reload without the worker,
+and a range Kafka no longer holds."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
+from opentrack import events
 from opentrack.events import RawOpen, now_ms
 from opentrack.kafka_local import LocalKafka
+from opentrack.replay import CLOCK_MARGIN_MS, plan, plan_reload, topics_for
 from opentrack.times import iso
 from opentrack.topics import ensure_topics
 from tests.conftest import stack_env
 from tests.test_backbone import CHROME, load
 from warehouse.engines import RemoteEngine
+from warehouse.loader import rows_by_table, write_batch
+from warehouse.reload import TableWriter
 
 TEST_AGENT = "OpenTrackReplayTestClient/1.0 (X11; Linux x86_64)"
 
@@ -68,10 +73,6 @@ def some_traffic(stack) -> list[str]:
     return emails
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug (issue 4 note): after the SIGKILL tests, outputs of a worker SIGKILLed "
-    "mid-stream can be lost before "
-    "the offsets commit, leaving a stale warehouse row; the worker's own state is right"))
 def test_replay_everything_twice_changes_nothing(running_stack) -> None:
     some_traffic(running_stack)
     before = settled_snapshot(running_stack)
@@ -176,3 +177,151 @@ def test_rebuild_from_scratch_equals_the_original(running_stack) -> None:
             break
         time.sleep(3)
     assert after == before
+
+
+def test_warehouse_replay_rebuilds_a_lost_warehouse_without_the_worker(running_stack) -> None:
+    """The warehouse is lost while the loader's offsets say everything was loaded: a
+    warehouse replay reloads the worker's outputs from Kafka, equal to the original, and
+    a second one changes nothing."""
+    some_traffic(running_stack)
+    before = settled_snapshot(running_stack)
+    stack = running_stack.stack
+    loader = stack.child("loader")
+    loader.stop()
+    shutil.rmtree(running_stack.settings.data_dir / "warehouse")
+    loader.start(stack.env, stack.log_dir)
+    stack.wait_ready()
+    assert warehouse_snapshot(running_stack)["states"] == {}  # nothing is loaded again
+    dry = replay(stack.env, "--from-beginning", "--into", "warehouse", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "a warehouse reload (no worker)" in dry.stdout and "email_state" in dry.stdout
+    first = replay(stack.env, "--from-beginning", "--into", "warehouse")
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert "reloaded the warehouse from" in first.stdout, first.stdout
+    assert warehouse_snapshot(running_stack) == before
+    again = replay(stack.env, "--from-beginning", "--into", "warehouse")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "changed states: 0, changed open rows: 0" in again.stdout, again.stdout
+    assert warehouse_snapshot(running_stack) == before
+
+
+def _send(email_id: str, **fields) -> bytes:
+    return events.SendRegistered(email_id, "p1", "candidate", f"c-{email_id}", "t1",
+                                 "Hé\n\"quoted\"", 1000, **fields).to_bytes()
+
+
+def _messages(prefix: str) -> list[dict[str, list]]:
+    """Two batches of every fast topic, the values all OpenTrack producers write, and then
+    what none does (missing fields, nulls, wrong types, not JSON): a rows' mirror test."""
+    a, b, gone = f"{prefix}a", f"{prefix}b", f"{prefix}gone"
+    good = {
+        events.TOPIC_SENDS: [_send(a), _send(b, sequence_id="s", sequence_step=2,
+                                              tracking=False), _send(gone), None],
+        events.TOPIC_OPENS_PROCESSED: [
+            events.ProcessedOpen(f"{prefix}e1", a, 5, "human", "", True, "fp").to_bytes(),
+            events.ProcessedOpen(f"{prefix}e2", a, 6, "machine", "apple_mpp", False, "fp",
+                                 "Mail", "Mac OS X", "Mac", 3).to_bytes(),
+            events.ProcessedOpen(f"{prefix}e3", gone, 6, "machine", "x", False, "fp").to_bytes(),
+        ],
+        events.TOPIC_EMAIL_STATE: [
+            events.EmailState(a).to_bytes(),
+            events.EmailState(b, True, 2, 1, 1, 3, 10, 20, 15, 4, 10).to_bytes(),
+            events.EmailState(gone, revision=3).to_bytes(),
+        ],
+    }
+    odd = {
+        events.TOPIC_SENDS: [
+            _send(f"{prefix}c"), b'{"email_id":"%sd","profile_id":"p"}' % prefix.encode(),
+            b"not json",
+        ],
+        events.TOPIC_OPENS_PROCESSED: [
+            events.ProcessedOpen(f"{prefix}e4", a, 5, "proxy", "", True, "fp").to_bytes(),
+            b'{"event_id":"%se5","email_id":"%sa","received_at":1.5,"load_class":"human",'
+            b'"reason":"","counted":true,"fingerprint":"f"}' % (prefix.encode(), prefix.encode()),
+        ],
+        events.TOPIC_EMAIL_STATE: [
+            b'{"email_id":"%sc","revision":"x"}' % prefix.encode(),
+            b'{"email_id":"%sd","opened":1}' % prefix.encode(), b'{"email_id":null}',
+        ],
+    }
+    computed = {events.TOPIC_SENDS: [  # registered_at is computed when missing: now
+        b'{"email_id":"%se","profile_id":"p","person_type":"contact","person_id":"x",'
+        b'"template_id":"t","subject":"s","sent_at":1}' % prefix.encode()]}
+    return [good, odd, computed]
+
+
+@pytest.mark.parametrize("warehouse_engine", ["chdb"], indirect=True)
+def test_reload_fast_path_writes_what_the_row_builders_write(warehouse_engine) -> None:
+    """The reload's fast path (the JSON straight into ClickHouse) against the loader's row
+    builders, on the same messages under two id prefixes: the same rows in every table."""
+    engine = warehouse_engine
+    run = uuid.uuid4().hex[:6]
+    fast, builders = f"fast{run}-", f"rows{run}-"
+    engine.insert("erased_emails", ["email_id", "erased_at"],
+                  [(f"{fast}gone", 1), (f"{builders}gone", 1)])
+    writer = TableWriter(engine, {f"{fast}gone"}, fast=True)
+    try:
+        for batch in _messages(fast):
+            for topic, values in batch.items():
+                writer.write(topic, values)
+    finally:
+        writer.close()
+    assert writer.result.fallback_batches == 4  # all but the first batch
+    for batch in _messages(builders):
+        for topic, values in batch.items():
+            present = [(topic, v) for v in values if v is not None]
+            write_batch(engine, rows_by_table(present, {f"{builders}gone"}))
+
+    def rows(table: str, prefix: str) -> list[str]:
+        found = engine.query(f"SELECT * FROM {table} WHERE startsWith(email_id, %(p)s)",
+                             {"p": prefix})
+        for row in found:
+            row.pop("registered_at", None)  # "now" for the send that lacks it
+        return sorted(repr(sorted(r.items())).replace(prefix, "<id>-") for r in found)
+
+    for table in ("sends", "sends_by_person", "opens", "email_state"):
+        assert rows(table, fast) == rows(table, builders), table
+        assert rows(table, fast), table
+    assert not [t for t in engine.query("SHOW TABLES") if t["name"].startswith("reload_")]
+
+
+def test_reload_leaves_loads_older_than_processed_keeps_to_the_worker(tmp_path: Path) -> None:
+    """opens.processed keeps 7 days: raw loads whose processed records retention deleted
+    are planned through the worker, the rest (and the compacted states) as a reload."""
+    broker = LocalKafka(tmp_path / "kafka").start()
+    try:
+        ensure_topics(broker.bootstrap, 4)
+        now = now_ms()
+        old, recent = now - 3 * 3600_000, now - 600_000
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for i in range(20):
+            at = old if i < 10 else recent
+            raw = RawOpen(uuid.uuid4().hex, f"ret-{i}", at, CHROME, "198.51.100.0/24")
+            producer.send(events.TOPIC_OPENS_RAW, key=raw.email_id.encode(),
+                          value=raw.to_bytes(), partition=0, timestamp_ms=at)
+            # when the worker made it: the recent loads' records well after the margin
+            made = old + 1000 if i < 10 else recent - 5 * CLOCK_MARGIN_MS
+            producer.send(events.TOPIC_OPENS_PROCESSED, key=raw.email_id.encode(),
+                          value=b"{}", partition=0, timestamp_ms=made)
+            producer.send(events.TOPIC_EMAIL_STATE, key=raw.email_id.encode(), value=b"{}",
+                          partition=0, timestamp_ms=made)
+        producer.flush()
+        producer.close()
+        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+        try:
+            raw_plan = plan(consumer, topics_for("warehouse"))
+            whole = plan_reload(consumer, raw_plan)
+            assert whole.through_worker == [] and whole.since_ms is None
+            admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+            admin.delete_records({TopicPartition(events.TOPIC_OPENS_PROCESSED, 0): 10})
+            admin.close()
+            cut = plan_reload(consumer, raw_plan)
+        finally:
+            consumer.close()
+        assert [(r.topic, r.partition, r.start, r.end) for r in cut.through_worker] == [
+            (events.TOPIC_OPENS_RAW, 0, 0, 10)]
+        spans = {(r.topic, r.partition): (r.start, r.end) for r in cut.spans if r.count}
+        assert spans == {(events.TOPIC_OPENS_PROCESSED, 0): (10, 20),
+                         (events.TOPIC_EMAIL_STATE, 0): (0, 20)}
+    finally:
+        broker.stop()
