@@ -9,6 +9,11 @@ the fixed tables below, never from a request.
 
 Counted opens are the deduplicated loads (``counted = 1``); a "human" open is one not
 classified ``machine`` (a proxy open is a person reading), as in the per-email state.
+
+Comparisons, send timing and follow-ups read ``email_facts`` (``warehouse.facts``): one row
+per send with its group keys, its open counters from the worker's state, its first human
+open, and whether it got a reply or an unsubscribe - so they scan one short row per email,
+never the opens. Only the open timing reads the opens, for the time of each.
 """
 
 from __future__ import annotations
@@ -36,17 +41,17 @@ FOLLOW_UP_COLUMNS = (
     "sequence_id", "sequence_step", "sent_at",
 )
 
-_HUMAN = "counted = 1 AND load_class != 'machine'"
-
 # Servers newer than 18.16 take this: opens and engagement are partitioned by the month of
 # their own event time, so every version of a row lives in one partition and FINAL need not
-# merge across partitions (on 10M opens it cuts the FINAL read about fivefold).
+# merge across partitions (on 10M opens it cuts the FINAL read about fivefold). email_facts
+# has one partition, so it changes nothing there.
 MODERN_SETTINGS = "SETTINGS do_not_merge_across_partitions_select_final = 1"
 
 
 @dataclass(frozen=True)
 class Scope:
-    """The sends an analysis covers: a WHERE clause on ``sends`` and its parameters.
+    """The sends an analysis covers: a WHERE clause on the send's columns (of ``sends`` or
+    ``email_facts``) and its parameters.
     ``narrow``: the user filtered, so reading the other tables only for these emails pays."""
 
     where: str
@@ -83,47 +88,38 @@ def _sends(columns: tuple[str, ...], scope: Scope) -> str:
     return f"SELECT {', '.join(columns)} FROM (SELECT * FROM sends FINAL) WHERE {scope.where}"
 
 
+# What a scope's conditions name; every column of them is in email_facts too.
+SCOPE_COLUMNS = ("sent_at", "profile_id", "person_type", "template_id", "sequence_id")
+
+
+def _facts(columns: tuple[str, ...], scope: Scope) -> str:
+    """One row per send in scope: ``columns`` of ``email_facts``, newest version (the
+    conditions stay outside FINAL, so they see that version and never an older one)."""
+    read = ", ".join(dict.fromkeys((*columns, *SCOPE_COLUMNS)))
+    return (f"SELECT {', '.join(columns)} FROM (SELECT {read} FROM email_facts FINAL) "
+            f"WHERE {scope.where}")
+
+
 def _scoped(table: str, scope: Scope) -> str:
     """Rows of ``table`` (FINAL) for the emails in scope. email_id leads every sorting key,
-    so the IN reads only their granules; without filters the IN would cost more (a set of
-    every email) than it saves, and the joins drop rows of emails out of scope anyway."""
+    so the IN reads only their granules; without filters every send is in scope, and the IN
+    would cost more (a set of every email) than it saves."""
     if not scope.narrow:
         return f"SELECT * FROM {table} FINAL"
     return (f"SELECT * FROM {table} FINAL WHERE email_id IN "
             f"(SELECT email_id FROM ({_sends(('email_id',), scope)}))")
 
 
-def per_email(columns: tuple[str, ...], scope: Scope) -> str:
-    """One row per send in scope: ``columns`` of the send, its counted opens (all and human),
-    its first human open, and whether it got a reply or an unsubscribe. The right sides are
-    grouped by email_id, one row each, so ``ANY`` joins give the same rows, cheaper."""
-    carried = ", ".join(("email_id", *columns))
-    opens = f"""
-        SELECT email_id, countIf(counted = 1) AS open_count,
-               countIf({_HUMAN}) AS human_open_count,
-               minIf(received_at, {_HUMAN}) AS first_human_at
-        FROM ({_scoped('opens', scope)}) GROUP BY email_id"""
-    engagement = f"""
-        SELECT email_id, max(kind = 'reply') AS replied,
-               max(kind = 'unsubscribe') AS unsubscribed
-        FROM ({_scoped('engagement', scope)}) GROUP BY email_id"""
-    return f"""
-        SELECT {carried}, open_count, human_open_count, first_human_at, replied, unsubscribed
-        FROM (
-            SELECT {carried}, open_count, human_open_count, first_human_at
-            FROM ({_sends(("email_id", *columns), scope)}) AS s
-            ANY LEFT JOIN ({opens}) AS o USING email_id
-        ) AS so
-        ANY LEFT JOIN ({engagement}) AS g USING email_id"""
-
-
+# The facts each group total needs, and the totals.
+TOTALS_COLUMNS = ("sent_at", "tracking", "open_count", "human_open_count",
+                  "first_human_opened_at", "replied", "unsubscribed")
 GROUP_TOTALS = """
     count() AS sent, sum(tracking) AS tracked,
     countIf(open_count > 0) AS opened, countIf(human_open_count > 0) AS human_opened,
     sum(open_count) AS total_opens, sum(human_open_count) AS human_opens,
     countIf(replied = 1) AS replies, countIf(unsubscribed = 1) AS unsubscribes,
-    quantilesExactIf(0.5, 0.9)(greatest(first_human_at - sent_at, 0), first_human_at > 0)
-        AS first_human_open_ms"""
+    quantilesExactIf(0.5, 0.9)(greatest(first_human_opened_at - sent_at, 0),
+                               first_human_opened_at > 0) AS first_human_open_ms"""
 
 
 def compare(by: str, filters: Filters) -> tuple[str, dict[str, Any]]:
@@ -135,7 +131,7 @@ def compare(by: str, filters: Filters) -> tuple[str, dict[str, Any]]:
     key_list = ", ".join(keys)
     sql = f"""
         SELECT {key_list}, {GROUP_TOTALS}
-        FROM ({per_email((*keys, "sent_at", "tracking"), scope)})
+        FROM ({_facts((*keys, *TOTALS_COLUMNS), scope)})
         GROUP BY {key_list}"""
     return sql, scope.params
 
@@ -147,7 +143,7 @@ def send_timing(filters: Filters, tz: str) -> tuple[str, dict[str, Any]]:
         SELECT toDayOfWeek(t) AS weekday, toHour(t) AS hour, {GROUP_TOTALS}
         FROM (
             SELECT *, toDateTime(intDiv(sent_at, 1000), %(tz)s) AS t
-            FROM ({per_email(("sent_at", "tracking"), scope)})
+            FROM ({_facts(TOTALS_COLUMNS, scope)})
         )
         GROUP BY weekday, hour"""
     return sql, {**scope.params, "tz": tz}
@@ -172,16 +168,11 @@ def open_timing(filters: Filters, tz: str) -> tuple[str, dict[str, Any]]:
 def _follow_up_from(filters: Filters) -> tuple[str, dict[str, Any]]:
     """Sends in scope that a person opened and nobody replied to or unsubscribed from."""
     scope = send_scope(filters)
+    columns = (*FOLLOW_UP_COLUMNS, "open_count", "human_open_count", "last_human_opened_at",
+               "replied", "unsubscribed")
     sql = f"""
-        FROM (
-            SELECT * FROM ({_sends(FOLLOW_UP_COLUMNS, scope)})
-            WHERE email_id NOT IN (SELECT email_id FROM ({_scoped('engagement', scope)}))
-        ) AS s
-        INNER JOIN (
-            SELECT email_id, open_count, human_open_count, last_human_opened_at
-            FROM ({_scoped('email_state', scope)})
-            WHERE human_open_count > 0
-        ) AS st USING email_id"""
+        FROM ({_facts(columns, scope)})
+        WHERE human_open_count > 0 AND replied = 0 AND unsubscribed = 0"""
     return sql, scope.params
 
 

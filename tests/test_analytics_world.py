@@ -236,6 +236,7 @@ class Exact:
                 first_opened_at=counted[0].received_at if counted else None,
                 last_opened_at=counted[-1].received_at if counted else None,
                 last_human_opened_at=human[-1].received_at if human else None, revision=1,
+                first_human_opened_at=human[0].received_at if human else None,
             ))
         return out
 
@@ -319,4 +320,5 @@ def test_pipeline_states_equal_the_truth() -> None:
         s = last_state[email_id]
         assert (s.open_count, s.human_open_count) == (t.open_count, t.human_open_count)
         assert (s.last_human_opened_at or None) == t.last_human_at
+        assert (s.first_human_opened_at or None) == t.first_human_at
     assert any(isinstance(e, Engagement) for e in pipeline_events(workload))

@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from opentrack.events import now_ms
 from warehouse.engines import Engine
 
-ERASABLE_TABLES = ("sends", "sends_by_person", "opens", "email_state", "engagement")
+ERASABLE_TABLES = (
+    "sends", "sends_by_person", "opens", "email_state", "engagement", "email_facts",
+)
 
 
 def person_email_ids(engine: Engine, person_type: str, person_id: str) -> list[str]:

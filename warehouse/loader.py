@@ -26,6 +26,7 @@ from prometheus_client import Counter, Histogram
 from tenacity import Retrying, retry_if_exception_type, stop_any, wait_exponential
 
 from opentrack import events
+from warehouse import facts
 from warehouse.engines import Engine
 from warehouse.erasure import erase_emails, erased_ids
 
@@ -56,6 +57,7 @@ OPEN_COLUMNS = (
 STATE_COLUMNS = (
     "email_id", "opened", "open_count", "human_open_count", "machine_open_count",
     "raw_load_count", "first_opened_at", "last_opened_at", "last_human_opened_at", "revision",
+    "first_human_opened_at",
 )
 ENGAGEMENT_COLUMNS = ("event_id", "email_id", "kind", "at")
 
@@ -78,7 +80,7 @@ def state_row(e: events.EmailState) -> tuple[Any, ...]:
     return (
         e.email_id, int(e.opened), e.open_count, e.human_open_count, e.machine_open_count,
         e.raw_load_count, e.first_opened_at or 0, e.last_opened_at or 0,
-        e.last_human_opened_at or 0, e.revision,
+        e.last_human_opened_at or 0, e.revision, e.first_human_opened_at or 0,
     )
 
 
@@ -116,11 +118,23 @@ def rows_by_table(
     return tables
 
 
+# The tables whose rows change an email's facts, and where its email_id is in their rows.
+FACT_SOURCES = {
+    table: cols.index("email_id") for table, cols, _, _ in SINKS.values() if table != "opens"
+}
+
+
 def write_batch(engine: Engine, tables: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Insert the rows, then recompute the facts of the emails they touch (from the tables,
+    so that is right whatever order sends, states and engagement came in; see
+    ``warehouse.facts``). Opens change the facts through the state the worker emits."""
     columns = {table: cols for table, cols, _, _ in SINKS.values()}
     for table, rows in tables.items():
         engine.insert(table, columns[table], rows)
         LOADER_ROWS.labels(table=table).inc(len(rows))
+    touched = {row[i] for table, i in FACT_SOURCES.items() for row in tables.get(table, ())}
+    if touched:
+        LOADER_ROWS.labels(table="email_facts").inc(facts.refresh(engine, touched))
 
 
 def erasure_of(value: bytes) -> events.Erasure | None:

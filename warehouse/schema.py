@@ -10,14 +10,53 @@ one row. Reads use ``FINAL`` (or argMax) so they never see the duplicates before
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+from warehouse import facts
 from warehouse.engines import Engine
 
 log = logging.getLogger(__name__)
 
 _MONTH = "toYYYYMM(toDateTime(intDiv({col}, 1000)))"
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+# A step is a statement, or a function for what one statement cannot say portably.
+Step = str | Callable[[Engine], None]
+
+
+def _add_first_human_opened_at(engine: Engine) -> None:
+    """18.16 has no ``ADD COLUMN IF NOT EXISTS``: look first, so a rerun after a crash works."""
+    present = engine.query(
+        "SELECT count() AS n FROM system.columns WHERE database = currentDatabase() "
+        "AND table = 'email_state' AND name = 'first_human_opened_at'")
+    if not present[0]["n"]:
+        engine.execute("ALTER TABLE email_state ADD COLUMN first_human_opened_at Int64 DEFAULT 0")
+
+
+_STATE_COLUMNS = (
+    "email_id, opened, open_count, human_open_count, machine_open_count, raw_load_count, "
+    "first_opened_at, last_opened_at, last_human_opened_at, revision"
+)
+
+# States written before the worker sent first_human_opened_at get it from their own counted
+# opens (what the worker computes), written again under the same revision: of equal
+# versions a ReplacingMergeTree keeps the last inserted. Without it, a later refresh of such
+# an email's facts would lose the time of its first human open.
+_FILL_FIRST_HUMAN_OPENED_AT = f"""
+    INSERT INTO email_state ({_STATE_COLUMNS}, first_human_opened_at)
+    SELECT {_STATE_COLUMNS}, first_human
+    FROM (
+        SELECT {_STATE_COLUMNS} FROM (
+            SELECT {_STATE_COLUMNS}, first_human_opened_at FROM email_state FINAL
+        ) WHERE human_open_count > 0 AND first_human_opened_at = 0
+    ) AS st
+    ANY INNER JOIN (
+        SELECT email_id, minIf(received_at, counted = 1 AND load_class != 'machine')
+            AS first_human
+        FROM opens FINAL GROUP BY email_id
+    ) AS o USING email_id
+    WHERE first_human > 0"""
+
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "sends, opens, email state, engagement", [
         """CREATE TABLE IF NOT EXISTS sends (
             email_id String, profile_id String, person_type String, person_id String,
@@ -54,24 +93,35 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE IF NOT EXISTS erased_emails (email_id String, erased_at Int64)
         ENGINE = ReplacingMergeTree ORDER BY email_id""",
     ]),
+    (3, "per-email facts for the comparisons, filled from the tables", [
+        _add_first_human_opened_at,
+        _FILL_FIRST_HUMAN_OPENED_AT,
+        facts.CREATE_TABLE,
+        facts.rebuild,
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]
 
 
-def migrate(engine: Engine) -> list[int]:
-    """Apply the migrations this warehouse lacks; return their versions."""
+def migrate(engine: Engine, upto: int | None = None) -> list[int]:
+    """Apply the migrations this warehouse lacks (up to version ``upto``, default all);
+    return their versions. A migration is recorded only once all its steps ran, and every
+    step can run again, so a crash half-way is repaired by the next start."""
     engine.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
         "applied_at Int64) ENGINE = ReplacingMergeTree ORDER BY version"
     )
     done = {r["version"] for r in engine.query("SELECT version FROM schema_migrations")}
     applied = []
-    for version, name, statements in MIGRATIONS:
-        if version in done:
+    for version, name, steps in MIGRATIONS:
+        if version in done or (upto is not None and version > upto):
             continue
-        for statement in statements:
-            engine.execute(statement)
+        for step in steps:
+            if isinstance(step, str):
+                engine.execute(step)
+            else:
+                step(engine)
         engine.insert(
             "schema_migrations", ["version", "name", "applied_at"],
             [(version, name, 0)],
