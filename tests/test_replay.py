@@ -48,6 +48,12 @@ def warehouse_snapshot(stack) -> dict:
     return {"states": states, "opens": opens, "sends": sends, "engagement": engagement}
 
 
+def facts_snapshot(stack) -> dict:
+    """The per-email facts the comparisons read (``warehouse.facts``)."""
+    engine = RemoteEngine(stack.settings.warehouse_socket)
+    return {r.pop("email_id"): r for r in engine.query("SELECT * FROM email_facts FINAL")}
+
+
 def settled_snapshot(stack, timeout: float = 180) -> dict:
     """The warehouse once the pipeline has caught up (two snapshots 3 s apart agree), so
     that what earlier tests still had in flight is not taken for a change by the replay."""
@@ -185,6 +191,7 @@ def test_warehouse_replay_rebuilds_a_lost_warehouse_without_the_worker(running_s
     a second one changes nothing."""
     some_traffic(running_stack)
     before = settled_snapshot(running_stack)
+    facts_before = facts_snapshot(running_stack)
     stack = running_stack.stack
     loader = stack.child("loader")
     loader.stop()
@@ -199,6 +206,7 @@ def test_warehouse_replay_rebuilds_a_lost_warehouse_without_the_worker(running_s
     assert first.returncode == 0, first.stderr + first.stdout
     assert "reloaded the warehouse from" in first.stdout, first.stdout
     assert warehouse_snapshot(running_stack) == before
+    assert facts_snapshot(running_stack) == facts_before
     again = replay(stack.env, "--from-beginning", "--into", "warehouse")
     assert again.returncode == 0, again.stderr + again.stdout
     assert "changed states: 0, changed open rows: 0" in again.stdout, again.stdout
@@ -228,6 +236,11 @@ def _messages(prefix: str) -> list[dict[str, list]]:
             events.EmailState(b, True, 2, 1, 1, 3, 10, 20, 15, 4, 10).to_bytes(),
             events.EmailState(gone, revision=3).to_bytes(),
         ],
+        events.TOPIC_ENGAGEMENT: [
+            events.Engagement(f"{prefix}r1", b, "reply", 30).to_bytes(),
+            events.Engagement(f"{prefix}u1", b, "unsubscribe", 31).to_bytes(),
+            events.Engagement(f"{prefix}r2", gone, "reply", 32).to_bytes(),
+        ],
     }
     odd = {
         events.TOPIC_SENDS: [
@@ -242,6 +255,10 @@ def _messages(prefix: str) -> list[dict[str, list]]:
         events.TOPIC_EMAIL_STATE: [
             b'{"email_id":"%sc","revision":"x"}' % prefix.encode(),
             b'{"email_id":"%sd","opened":1}' % prefix.encode(), b'{"email_id":null}',
+        ],
+        events.TOPIC_ENGAGEMENT: [
+            events.Engagement(f"{prefix}r3", a, "reply", 40).to_bytes(),
+            events.Engagement(f"{prefix}f1", a, "forward", 41).to_bytes(),
         ],
     }
     computed = {events.TOPIC_SENDS: [  # registered_at is computed when missing: now
@@ -264,22 +281,25 @@ def test_reload_fast_path_writes_what_the_row_builders_write(warehouse_engine) -
         for batch in _messages(fast):
             for topic, values in batch.items():
                 writer.write(topic, values)
+        writer.refresh_facts()
     finally:
         writer.close()
-    assert writer.result.fallback_batches == 4  # all but the first batch
+    assert writer.result.fallback_batches == 5  # all but the first batch
     for batch in _messages(builders):
         for topic, values in batch.items():
             present = [(topic, v) for v in values if v is not None]
             write_batch(engine, rows_by_table(present, {f"{builders}gone"}))
 
     def rows(table: str, prefix: str) -> list[str]:
-        found = engine.query(f"SELECT * FROM {table} WHERE startsWith(email_id, %(p)s)",
+        found = engine.query(f"SELECT * FROM {table} FINAL WHERE startsWith(email_id, %(p)s)",
                              {"p": prefix})
         for row in found:
             row.pop("registered_at", None)  # "now" for the send that lacks it
+            row.pop("version", None)  # of the facts: registered_at is in it
         return sorted(repr(sorted(r.items())).replace(prefix, "<id>-") for r in found)
 
-    for table in ("sends", "sends_by_person", "opens", "email_state"):
+    for table in ("sends", "sends_by_person", "opens", "email_state", "engagement",
+                  "email_facts"):
         assert rows(table, fast) == rows(table, builders), table
         assert rows(table, fast), table
     assert not [t for t in engine.query("SHOW TABLES") if t["name"].startswith("reload_")]

@@ -11,14 +11,17 @@ that is ``opentrack loader``, which serves a reload on the warehouse socket (see
 with live traffic meanwhile: both write through the same engine.
 
 Write path: the loader's own row builders and batch insert (``rows_by_table``,
-``write_batch``) on a ClickHouse server, for engagement, and for any batch the fast path
-does not take. The fast path (chDB only; sends, opens, states): the JSON values go to
+``write_batch``) on a ClickHouse server, and for any batch the fast path does not take.
+The fast path (chDB only): the JSON values go to
 ClickHouse as they are, into a staging table of the event's fields, then into the table,
 without the rows of erased emails. A batch with a record the row builders would treat
 specially (a missing field, a null where a value is required, a value of the wrong type)
-goes through the row builders instead; ``tests/test_replay.py`` checks that both write the
+(or an engagement kind it does not know) goes through the row builders instead;
+``tests/test_replay.py`` checks that both write the
 same rows. The fast path is a little more lenient only on values no OpenTrack producer
-writes: a number in quotes, 0 or 1 for a boolean.
+writes: a number in quotes, 0 or 1 for a boolean. The emails' facts (``warehouse.facts``),
+which the row builders' ``write_batch`` refreshes batch by batch, are refreshed once at the
+end for the emails the fast path wrote (a refresh scans the tables, whatever its size).
 
 Idempotent: the tables are ReplacingMergeTrees keyed as the loader keys them, so a reload
 (or two) of rows the warehouse has changes nothing. Erasures first: every erasure in Kafka is
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentrack import events
+from warehouse import facts
 from warehouse.engines import ChdbEngine, Engine
 from warehouse.erasure import erase_emails, erased_ids
 from warehouse.loader import SINKS, erasure_of, rows_by_table, write_batch
@@ -50,9 +54,12 @@ RELOAD_TOPICS = (
     events.TOPIC_OPENS_PROCESSED, events.TOPIC_EMAIL_STATE, events.TOPIC_SENDS,
     events.TOPIC_ENGAGEMENT,
 )
-# Row builders that only copy the event's fields (None as "" or 0): the fast path may take
-# them. Engagement validates its kind, so it keeps the row builders (and it is small).
-FAST_TOPICS = (events.TOPIC_SENDS, events.TOPIC_OPENS_PROCESSED, events.TOPIC_EMAIL_STATE)
+# Row builders that only copy the event's fields (None as "" or 0), and what else they
+# check: the fast path may take these topics.
+FAST_TOPICS = (events.TOPIC_SENDS, events.TOPIC_OPENS_PROCESSED, events.TOPIC_EMAIL_STATE,
+               events.TOPIC_ENGAGEMENT)
+_KINDS = ", ".join(f"'{kind}'" for kind in events.ENGAGEMENT_KINDS)
+_ROW_CHECKS = {events.TOPIC_ENGAGEMENT: f"kind IN ({_KINDS})"}
 # Records per insert: large enough for ClickHouse, small enough that a live batch of the
 # loader never waits long behind one (they share the engine's lock).
 BATCH_RECORDS = 50_000
@@ -123,11 +130,12 @@ class _FastTable:
     insert: str
     check: str
     move: str
+    touch: str  # the batch's emails, for the facts refresh at the end
     clear: str
     drop: str
 
 
-def _fast_table(engine: Engine, topic: str, suffix: str) -> _FastTable | None:
+def _fast_table(engine: Engine, topic: str, suffix: str, touched: str) -> _FastTable | None:
     """The fast path of a topic, or None when its table holds a column that is not a plain
     field of the event (then the row builders write it)."""
     table, columns, event_type, _ = SINKS[topic]
@@ -155,7 +163,10 @@ def _fast_table(engine: Engine, topic: str, suffix: str) -> _FastTable | None:
     structure = ", ".join(
         f"{name} Nullable({_SQL_TYPES[str(f.type)]})" for name, f in event_fields.items())
     not_erased = "email_id NOT IN (SELECT email_id FROM erased_emails)"
-    complete = " AND ".join(f"{name} IS NOT NULL" for name in required) or "1"
+    checks = [f"{name} IS NOT NULL" for name in required]
+    if topic in _ROW_CHECKS:
+        checks.append(_ROW_CHECKS[topic])
+    complete = " AND ".join(checks) or "1"
     return _FastTable(
         create=f"CREATE TABLE IF NOT EXISTS {stage} ({structure}) ENGINE = Memory",
         insert=f"INSERT INTO {stage} SETTINGS {_STRICT_JSON} FORMAT JSONEachRow\n",
@@ -163,6 +174,7 @@ def _fast_table(engine: Engine, topic: str, suffix: str) -> _FastTable | None:
               f"countIf(NOT ({not_erased})) AS erased FROM {stage}",
         move=f"INSERT INTO {table} ({', '.join(columns)}) "
              f"SELECT {', '.join(selects)} FROM {stage} WHERE {not_erased}",
+        touch=f"INSERT INTO {touched} SELECT DISTINCT email_id FROM {stage} WHERE {not_erased}",
         clear=f"TRUNCATE TABLE {stage}",
         drop=f"DROP TABLE IF EXISTS {stage}",
     )
@@ -182,12 +194,15 @@ class TableWriter:
         if fast is None:
             fast = isinstance(engine, ChdbEngine)
         suffix = uuid.uuid4().hex[:8]
+        self._touched = f"reload_touched_{suffix}"
         self._fast: dict[str, _FastTable] = {}
         for topic in FAST_TOPICS if fast else ():
-            sql = _fast_table(engine, topic, suffix)
+            sql = _fast_table(engine, topic, suffix, self._touched)
             if sql is not None:
                 engine.execute(sql.create)
                 self._fast[topic] = sql
+        if self._fast:
+            engine.execute(f"CREATE TABLE {self._touched} (email_id String) ENGINE = Memory")
 
     def write(self, topic: str, values: Sequence[bytes | None]) -> None:
         present = [v for v in values if v is not None]  # tombstones: erased sends
@@ -219,15 +234,25 @@ class TableWriter:
             self.engine.execute(sql.clear)
             return False
         self.engine.execute(sql.move)
+        if topic != events.TOPIC_OPENS_PROCESSED:  # opens reach the facts through states
+            self.engine.execute(sql.touch)
         self.engine.execute(sql.clear)
         table = SINKS[topic][0]
         self.result.rows[table] = self.result.rows.get(table, 0) + len(values) - check["erased"]
         self.result.skipped += check["erased"]
         return True
 
+    def refresh_facts(self) -> None:
+        """The facts of the emails the fast path wrote, from the tables, in one pass."""
+        if self._fast:
+            facts.refresh_matching(self.engine, f"SELECT email_id FROM {self._touched}")
+            self.engine.execute(f"TRUNCATE TABLE {self._touched}")
+
     def close(self) -> None:
         for sql in self._fast.values():
             self.engine.execute(sql.drop)
+        if self._fast:
+            self.engine.execute(f"DROP TABLE IF EXISTS {self._touched}")
 
 
 class _Snapshot:
@@ -312,6 +337,7 @@ class Reload:
             if snapshot is not None:
                 snapshot.take()
             self._copy(writer)
+            writer.refresh_facts()
             later = erased_ids(self.engine) - erased
             if later:  # erased while the reload wrote: their rows go again
                 erase_emails(self.engine, later)
