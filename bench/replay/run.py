@@ -246,9 +246,10 @@ def check_warehouse(socket: Path, filled: Filled) -> None:
     counts = engine.query(
         "SELECT (SELECT count() FROM sends FINAL) AS sends, (SELECT count() FROM opens FINAL) "
         "AS opens, (SELECT count() FROM email_state FINAL) AS states, "
-        "(SELECT count() FROM engagement FINAL) AS engagement")[0]
+        "(SELECT count() FROM engagement FINAL) AS engagement, "
+        "(SELECT count() FROM email_facts FINAL) AS facts")[0]
     expected = {"sends": filled.sends, "opens": filled.opens, "states": filled.states,
-                "engagement": filled.engagement}
+                "engagement": filled.engagement, "facts": filled.sends}
     if counts != expected:
         raise AssertionError(f"the rebuilt warehouse holds {counts}, expected {expected}")
 
