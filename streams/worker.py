@@ -205,7 +205,8 @@ class ChangelogBarrier:
                 self.sent += 1
 
         async def flush_all() -> None:
-            while self.sent < self.put:
+            target = self.put  # what was written before this commit; later writes go on
+            while self.sent < target:
                 await asyncio.sleep(0.001)
             await flush()
 
