@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install system-packages kafka-jars lint bench-freshness bench-pixel bench-worker
+.PHONY: run test install system-packages kafka-jars lint bench-freshness bench-pixel bench-worker \
+	bench-warehouse bench-replay bench-analytics
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,3 +43,12 @@ bench-pixel: install kafka-jars
 
 bench-worker: install kafka-jars
 	$(PY) bench/worker/run.py --runs 3
+
+bench-warehouse: install
+	$(PY) bench/warehouse/run.py
+
+bench-replay: install kafka-jars
+	$(PY) bench/replay/run.py --runs 3
+
+bench-analytics: install
+	$(PY) bench/analytics/run.py
