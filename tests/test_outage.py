@@ -6,13 +6,18 @@ other tests). Loads go to 127.0.0.1 only, bounded in count and time.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
+import pytest
 import requests
 from kafka import KafkaConsumer, TopicPartition
 
@@ -46,22 +51,25 @@ def pixel_url(env: dict[str, str], email_id: str) -> str:
     return f"http://{env['OPENTRACK_LISTEN']}/o/{TokenSigner(env['OPENTRACK_SECRET']).sign(email_id)}.gif"
 
 
-def raw_event_ids(bootstrap: str, email_id: str) -> list[str]:
+def topic_values(bootstrap: str, topic: str) -> list[bytes]:
+    """Every value in the topic now, from the beginning ([] for a topic never written)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    partitions = consumer.partitions_for_topic(TOPIC_OPENS_RAW)
-    tps = [TopicPartition(TOPIC_OPENS_RAW, p) for p in partitions]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    end = consumer.end_offsets(tps)
-    ids = []
-    while any(consumer.position(tp) < offset for tp, offset in end.items()):
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                event = RawOpen.from_bytes(record.value)
-                if event.email_id == email_id:
-                    ids.append(event.event_id)
+    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    values: list[bytes] = []
+    if tps:
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        while any(consumer.position(tp) < offset for tp, offset in end.items()):
+            for records in consumer.poll(timeout_ms=500).values():
+                values.extend(record.value for record in records)
     consumer.close()
-    return ids
+    return values
+
+
+def raw_event_ids(bootstrap: str, email_id: str) -> list[str]:
+    events = (RawOpen.from_bytes(value) for value in topic_values(bootstrap, TOPIC_OPENS_RAW))
+    return [event.event_id for event in events if event.email_id == email_id]
 
 
 def wait_spool_empty(data_dir: Path, timeout: float = 120) -> None:
@@ -153,3 +161,114 @@ def test_killed_web_process_spool_is_delivered_after_restart(tmp_path: Path) -> 
 
 def test_settings_of_the_tests_are_valid() -> None:
     assert Settings.from_env(stack_env(Path("/tmp/x"), "127.0.0.1:1")).api_key == API_KEY
+
+
+# -- a spool segment claimed by another reader at the worst moment ------------------------
+
+RACE_EVENTS = 20
+RACE_SEGMENT_EVENTS = 10  # two segments: two claims, the second with a live full segment beside
+
+
+def spool_race_writer(spool: str, topic: str, live_bootstrap: str, claimer: str) -> None:
+    """A web process's publisher with Kafka away, and another spool reader (another process,
+    or a second publisher of this one) that runs a full pass against a live broker exactly
+    when a segment file has been created and its writer has not locked it yet.
+
+    Run in a subprocess (``python -c``): the audit hook that picks the moment stays there.
+    Prints the accepted event ids and how many claims ran, as JSON."""
+    import fcntl
+
+    from ingest import publish
+    from opentrack.kafka_local import free_port
+
+    publish.SEGMENT_EVENTS = RACE_SEGMENT_EVENTS
+    spool_dir = Path(spool)
+    other = publish.Publisher(lambda: live_bootstrap, spool_dir) if claimer == "sibling" else None
+    claiming = False
+    claims = 0
+
+    def claim() -> None:
+        nonlocal claims
+        claims += 1
+        if other is not None:  # the same pid: a sibling publisher of this process
+            other.deliver_spool()
+            return
+        subprocess.run(
+            [sys.executable, "-c", CLAIMER_CODE, spool, live_bootstrap],
+            check=True, timeout=60,
+        )
+
+    def hook(event: str, args: tuple) -> None:
+        nonlocal claiming
+        if event != "fcntl.flock" or claiming or not args[1] & fcntl.LOCK_EX:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return  # a spool thread's lock, not the writer's
+        if not os.readlink(f"/proc/self/fd/{args[0]}").startswith(spool):
+            return
+        claiming = True  # the claimer's own locks must not claim again
+        try:
+            claim()
+        finally:
+            claiming = False
+
+    sys.addaudithook(hook)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: every event waits in the spool
+    publisher = publish.Publisher(lambda: dead, spool_dir)
+    ids = []
+    for _ in range(RACE_EVENTS):
+        event_id = str(uuid.uuid4())
+        publisher.publish_record(topic, event_id, event_id.encode())
+        ids.append(event_id)
+    publisher.close(timeout=1)
+    if other is not None:
+        other.close(timeout=5)
+    print(json.dumps({"ids": ids, "claims": claims}))
+
+
+CLAIMER_CODE = """
+import logging
+import sys
+from pathlib import Path
+from ingest.publish import Publisher
+logging.basicConfig(level=logging.WARNING, format="claimer %(levelname)s %(name)s: %(message)s")
+logging.getLogger("ingest.publish").setLevel(logging.INFO)
+publisher = Publisher(lambda: sys.argv[2], Path(sys.argv[1]))
+publisher.deliver_spool()
+publisher.close(timeout=5)
+"""
+
+
+@pytest.mark.parametrize("claimer", ["process", "sibling"])
+def test_segment_claimed_while_being_created_loses_nothing(
+    tmp_path: Path, kafka_broker: LocalKafka, claimer: str
+) -> None:
+    """The race of a failed outage run: another web process's spool pass found a segment in
+    the window between its creation and its writer's lock, delivered its 0 events and deleted
+    it; the writer then spooled into the deleted file, and its events were lost once their
+    delivery failed. Every segment creation here meets a claimer in that window."""
+    from ingest.publish import Publisher
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    topic = f"spool-race-{claimer}-{uuid.uuid4().hex[:8]}"
+    code = ("import sys; from tests.test_outage import spool_race_writer; "
+            "spool_race_writer(*sys.argv[1:])")
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(spool), topic, kafka_broker.bootstrap, claimer],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    accepted = report["ids"]
+    assert len(accepted) == RACE_EVENTS
+    assert report["claims"] == RACE_EVENTS // RACE_SEGMENT_EVENTS, "a claim per segment made"
+
+    drainer = Publisher(lambda: kafka_broker.bootstrap, spool)  # the next process to start
+    try:
+        wait_spool_empty(tmp_path, timeout=60)
+    finally:
+        drainer.close()
+    delivered = {value.decode() for value in topic_values(kafka_broker.bootstrap, topic)}
+    lost = [event_id for event_id in accepted if event_id not in delivered]
+    assert not lost, f"{len(lost)} of {len(accepted)} accepted events lost: {done.stderr[-3000:]}"
