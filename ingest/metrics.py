@@ -16,7 +16,8 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
 )
 PUBLISH_ERRORS = Counter(
-    "opentrack_producer_errors_total", "Producer failures by stage (connect, send, delivery)",
+    "opentrack_producer_errors_total",
+    "Producer failures by stage (connect, send, delivery, resend; lost: no spool copy, no Kafka)",
     ["stage"],
 )
 SPOOL_BYTES = Gauge("opentrack_spool_bytes", "Bytes in the local spool", multiprocess_mode="max")
