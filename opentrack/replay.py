@@ -531,6 +531,8 @@ def report(summary: Summary) -> str:
                 f"{summary.reload['erasures_applied']}")
         if summary.published:
             head += f"; {summary.published} older raw loads went through the worker"
+        phases = summary.reload.get("phases") or {}
+        head += "\nin the loader: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
     return (f"{head}\nchanged states: {summary.changed_states}, changed open rows: "
             f"{summary.changed_rows}, loads that changed class: {summary.reclassified}")
 

@@ -22,7 +22,7 @@ from opentrack.times import iso
 from opentrack.topics import ensure_topics
 from tests.conftest import stack_env
 from tests.test_backbone import CHROME, load
-from warehouse.engines import RemoteEngine
+from warehouse.engines import ServerEngine, reader_engine
 from warehouse.loader import rows_by_table, write_batch
 from warehouse.reload import TableWriter
 
@@ -36,7 +36,7 @@ def replay(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.
 
 def warehouse_snapshot(stack) -> dict:
     """Everything the CRM and the analysts read: states (but revision), opens, sends."""
-    engine = RemoteEngine(stack.settings.warehouse_socket)
+    engine = reader_engine(stack.settings.clickhouse_url, stack.settings.warehouse_socket)
     states = {r.pop("email_id"): r for r in engine.query(
         "SELECT email_id, opened, open_count, human_open_count, machine_open_count, "
         "raw_load_count, first_opened_at, last_opened_at, last_human_opened_at "
@@ -50,7 +50,7 @@ def warehouse_snapshot(stack) -> dict:
 
 def facts_snapshot(stack) -> dict:
     """The per-email facts the comparisons read (``warehouse.facts``)."""
-    engine = RemoteEngine(stack.settings.warehouse_socket)
+    engine = reader_engine(stack.settings.clickhouse_url, stack.settings.warehouse_socket)
     return {r.pop("email_id"): r for r in engine.query("SELECT * FROM email_facts FINAL")}
 
 
@@ -211,6 +211,28 @@ def test_warehouse_replay_rebuilds_a_lost_warehouse_without_the_worker(running_s
     assert again.returncode == 0, again.stderr + again.stdout
     assert "changed states: 0, changed open rows: 0" in again.stdout, again.stdout
     assert warehouse_snapshot(running_stack) == before
+
+
+def test_warehouse_replay_on_a_clickhouse_server_restores_deleted_rows(server_stack) -> None:
+    """With OPENTRACK_CLICKHOUSE_URL the replay runs the reload itself, through the row
+    builders, on ClickHouse 18.16: deleted rows come back, nothing else changes."""
+    emails = some_traffic(server_stack)
+    before = settled_snapshot(server_stack)
+    engine = ServerEngine(server_stack.settings.clickhouse_url)
+    for table in ("opens", "email_state"):
+        engine.execute(f"ALTER TABLE {table} DELETE WHERE email_id IN %(ids)s",
+                       {"ids": tuple(emails)})
+    deadline = time.monotonic() + 60  # 18.16 runs mutations in the background only
+    while engine.query("SELECT count() AS n FROM system.mutations WHERE is_done = 0")[0]["n"]:
+        assert time.monotonic() < deadline, "the deletes did not finish"
+        time.sleep(0.2)
+    assert warehouse_snapshot(server_stack) != before
+    result = replay(server_stack.stack.env, "--from-beginning", "--into", "warehouse")
+    assert result.returncode == 0, result.stderr + result.stdout
+    opens = sum(1 for row in before["opens"].values() if row["email_id"] in emails)
+    assert f"changed states: {len(emails)}, changed open rows: {opens}," in result.stdout, (
+        result.stdout)
+    assert warehouse_snapshot(server_stack) == before
 
 
 def _send(email_id: str, **fields) -> bytes:

@@ -116,6 +116,7 @@ class ReloadResult:
     changed_rows: int = 0
     reclassified: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each step, in order
     stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,8 +281,8 @@ class _Snapshot:
             f"SELECT count() AS n FROM {opens} WHERE (event_id, load_class, counted) "
             f"NOT IN (SELECT event_id, load_class, counted FROM {self.opens})")[0]["n"]
         result.reclassified = self.engine.query(
-            f"SELECT count() AS n FROM {opens} AS now INNER JOIN {self.opens} AS before "
-            "ON now.event_id = before.event_id WHERE now.load_class != before.load_class"
+            f"SELECT count() AS n FROM {opens} AS after INNER JOIN {self.opens} AS before "
+            "ON after.event_id = before.event_id WHERE after.load_class != before.load_class"
         )[0]["n"]
 
     def drop(self) -> None:
@@ -323,26 +324,36 @@ class Reload:
         return {"read": self.result.read, "total": self.total,
                 "written": sum(self.result.rows.values())}
 
+    def _phase(self, name: str, started: float) -> float:
+        now = time.monotonic()
+        self.result.phases[name] = round(now - started, 2)
+        return now
+
     def run(self) -> ReloadResult:
-        started = time.monotonic()
+        started = at = time.monotonic()
         erased = erased_ids(self.engine)
         in_kafka = asyncio.run(self._erasures())
         if in_kafka - erased:
             erase_emails(self.engine, in_kafka - erased)
             self.result.erasures_applied = len(in_kafka - erased)
         erased |= in_kafka
+        at = self._phase("erasures", at)
         snapshot = _Snapshot(self.engine, self.since_ms) if self.diff else None
         writer = TableWriter(self.engine, erased, self.fast, self.result)
         try:
             if snapshot is not None:
                 snapshot.take()
+                at = self._phase("snapshot", at)
             self._copy(writer)
+            at = self._phase("copy", at)
             writer.refresh_facts()
             later = erased_ids(self.engine) - erased
             if later:  # erased while the reload wrote: their rows go again
                 erase_emails(self.engine, later)
+            at = self._phase("facts", at)
             if snapshot is not None and not self.result.stopped:
                 snapshot.compare(self.result)
+                self._phase("compare", at)
         finally:
             writer.close()
             if snapshot is not None:

@@ -275,14 +275,15 @@ def one_run(tmp: Path, bootstrap: str, filled: Filled, run: int) -> Run:
         check_warehouse(settings.warehouse_socket, filled)
     finally:
         stop_process_group(loader)
-    summary = replay.stdout.strip().splitlines()
+    lines = replay.stdout.strip().splitlines()
+    summary = lines[next((i for i, line in enumerate(lines) if line.startswith("reloaded")), 0):]
     reloaded = re.search(r"reloaded the warehouse from (\d+) events", replay.stdout)
     events = int(reloaded.group(1)) if reloaded else 0
     if events != filled.records:
         raise AssertionError(f"the replay read {events} records, the topics hold "
                              f"{filled.records}:\n{replay.stdout}")
     result = Run(events / seconds, filled.loads / seconds, raw_rate, seconds)
-    log("\n".join(f"    {line}" for line in summary[-2:]))
+    log("\n".join(f"    {line}" for line in summary))
     print(f"run {run}: replay {events} events in {seconds:.1f}s: "
           f"{result.replay_events_per_s:,.0f} events/s ({result.raw_loads_per_s:,.0f} raw "
           f"loads/s) | raw consume of {TOPIC_OPENS_RAW} ({read} records) "
