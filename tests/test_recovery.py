@@ -17,6 +17,7 @@ from opentrack.events import RawOpen
 from opentrack.times import parse_time
 from opentrack.truth import expected_state
 from streams.classify_adapter import classifier_from_settings
+from tests.delivery import produce_loads
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -98,9 +99,7 @@ def test_sigkill_mid_stream_recovers_exactly(running_stack) -> None:
     producer = KafkaProducer(bootstrap_servers=running_stack.settings.bootstrap, linger_ms=5)
 
     def produce(batch: list[RawOpen]) -> None:
-        for raw in batch:
-            producer.send("opens.raw", key=raw.email_id.encode(), value=raw.to_bytes())
-        producer.flush()
+        produce_loads(producer, batch)
 
     half = len(loads) // 2
     produce(loads[:half])

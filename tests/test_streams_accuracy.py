@@ -17,6 +17,7 @@ from opentrack.events import now_ms
 from opentrack.stack import Child
 from opentrack.times import iso
 from opentrack.workload import generate
+from tests.delivery import produce_loads
 from warehouse.engines import RemoteEngine
 
 STATE_FIELDS = ("opened", "open_count", "human_open_count", "machine_open_count",
@@ -60,9 +61,7 @@ def test_labelled_workload_through_two_workers_with_a_kill(running_stack) -> Non
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=20)
 
     def produce(part) -> None:
-        for raw in part:
-            producer.send("opens.raw", key=raw.email_id.encode(), value=raw.to_bytes())
-        producer.flush()
+        produce_loads(producer, part)
 
     third = len(loads) // 3
     stack = running_stack.stack
