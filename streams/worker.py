@@ -81,15 +81,11 @@ def create_worker_app(
         # restarted after a SIGKILL then ended loads short in 3 runs of 3 (this way: 0 of
         # 5); the cause is not found yet.
         stream_publish_on_commit=True,
-        # batches of up to 1 MB sent every 5 ms rather than one request per message
-        producer_linger_ms=5,
-        producer_max_batch_size=1024 * 1024,
         # a killed worker's partitions move to the others after 10 s, not Kafka's 45 s
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
         stream_wait_empty=False,
     )
-    ChangelogBarrier(app.producer)
     emails = app.Table(
         "emails", key_type=str, partitions=settings.partitions, default=None,
     )
@@ -184,43 +180,6 @@ async def _switches_known(switches: ProfileSwitches, at_ms: int, patience: float
     while switches.known_until < target and waited < patience:
         await asyncio.sleep(0.01)
         waited += 0.01
-
-
-class ChangelogBarrier:
-    """Makes the producer flush that Faust runs before committing offsets wait for every table
-    change to have reached Kafka's producer.
-
-    Faust writes table changes to the changelog through a buffer whose flush gives up after
-    100 ms without a send and does not wait for the message being sent. Offsets could then be
-    committed for events whose changelog record was still in memory, and a SIGKILL lost them:
-    the table came back one load short (found by the SIGKILL recovery test). This counts the
-    buffer's messages in and out; it must be installed before the producer starts.
-    """
-
-    def __init__(self, producer: faust.types.ProducerT) -> None:
-        self.put = self.sent = 0
-        buffer = producer.buffer
-        buffer_put, send_pending, flush = buffer.put, buffer._send_pending, producer.flush
-
-        def put(fut: faust.types.FutureMessage) -> None:
-            self.put += 1
-            buffer_put(fut)
-
-        async def send(fut: faust.types.FutureMessage) -> None:
-            try:
-                await send_pending(fut)
-            finally:
-                self.sent += 1
-
-        async def flush_all() -> None:
-            target = self.put  # what was written before this commit; later writes go on
-            while self.sent < target:
-                await asyncio.sleep(0.001)
-            await flush()
-
-        buffer.put = put  # type: ignore[method-assign]
-        buffer._send_pending = send  # type: ignore[method-assign]
-        producer.flush = flush_all  # type: ignore[method-assign]
 
 
 class QuietWorker(Worker):
