@@ -142,11 +142,12 @@ def opened_folder(
     is off: an email only a machine loaded is not "opened" for a recruiter).
 
     Two reads, each at most ``limit`` rows: the emails whose state has not changed since the
-    snapshot, ranked by the state; and the emails opened again since, ranked by their last
-    counted open up to the snapshot, from the opens themselves. The second read asks only
-    for opens from the lowest time on the first's page on (older ones cannot rank on this
-    page), which lets ClickHouse skip the parts of older months and, before merges, of older
-    batches: its cost grows with how many emails were opened since the snapshot.
+    snapshot, ranked by the state; and, if there are any, the emails opened again since,
+    ranked by their last counted open up to the snapshot, from the opens themselves. The
+    second read asks only for opens from the lowest time on the first's page on (older ones
+    cannot rank on this page), which lets ClickHouse skip the parts of older months and,
+    before merges, of older batches: its cost grows with how many emails were opened since
+    the snapshot.
     """
     after = decode_cursor(cursor, _FOLDER_CURSOR) if cursor else None
     as_of = after["as_of"] if after else now_ms() - FOLDER_SETTLE_MS
@@ -163,36 +164,44 @@ def opened_folder(
     if until is not None:
         conditions.append("t < %(until)s")
         params["until"] = until
-    if profile_id is not None:
-        conditions.append("email_id IN (SELECT email_id FROM sends FINAL "
-                          "WHERE profile_id = %(profile_id)s)")
-        params["profile_id"] = profile_id
-    ranked = f"WHERE {' AND '.join(conditions)} ORDER BY t DESC, email_id DESC LIMIT %(limit)s"
     # Opened since the snapshot: any row of theirs says so, merged or not (an email sent
     # here by a stale row is still ranked exactly, by its opens).
     opened_since = f"SELECT email_id FROM email_state WHERE {column} > %(as_of)s"
+
+    def ranked(profile_scope: str) -> str:
+        """The page's conditions and order; the profile's sends are looked up only among
+        ``profile_scope`` (all of them: a scan; the few opened since: by key)."""
+        where = list(conditions)
+        if profile_id is not None:
+            where.append("email_id IN (SELECT email_id FROM sends FINAL WHERE profile_id = "
+                         f"%(profile_id)s {profile_scope})")
+            params["profile_id"] = profile_id
+        return f"WHERE {' AND '.join(where)} ORDER BY t DESC, email_id DESC LIMIT %(limit)s"
+
     unchanged = engine.query(
         f"""
-        SELECT email_id, t FROM (
+        SELECT email_id, t, (SELECT count() FROM ({opened_since})) AS opened_since FROM (
             SELECT email_id, {column} AS t FROM email_state FINAL
             WHERE {column} <= %(as_of)s AND email_id NOT IN ({opened_since})
-        ) {ranked}
+        ) {ranked("")}
         """,
         params,
     )
-    if len(unchanged) == limit:
-        params["floor"] = max(params["floor"], unchanged[-1]["t"])
-    reopened = engine.query(
-        f"""
-        SELECT email_id, t FROM (
-            SELECT email_id, max(received_at) AS t FROM opens FINAL
-            WHERE email_id IN ({opened_since}) AND counted = 1 {class_filter}
-              AND received_at <= %(as_of)s AND received_at >= %(floor)s
-            GROUP BY email_id
-        ) {ranked}
-        """,
-        params,
-    )
+    reopened: list[dict[str, Any]] = []
+    if not unchanged or unchanged[0]["opened_since"]:
+        if len(unchanged) == limit:
+            params["floor"] = max(params["floor"], unchanged[-1]["t"])
+        reopened = engine.query(
+            f"""
+            SELECT email_id, t FROM (
+                SELECT email_id, max(received_at) AS t FROM opens FINAL
+                WHERE email_id IN ({opened_since}) AND counted = 1 {class_filter}
+                  AND received_at <= %(as_of)s AND received_at >= %(floor)s
+                GROUP BY email_id
+            ) {ranked(f"AND email_id IN ({opened_since})")}
+            """,
+            params,
+        )
     rows = sorted(unchanged + reopened, key=lambda r: (r["t"], r["email_id"]), reverse=True)
     return _page(engine, rows[:limit], limit, lambda last: {
         "t": last["t"], "id": last["email_id"], "as_of": as_of})
