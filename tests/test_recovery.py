@@ -78,9 +78,9 @@ def make_loads(email_ids: list[str], count: int, rnd: random.Random) -> list[Raw
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "kept non-strict until it has a longer record: since the worker re-emits on replays, "
-    "waits for its changelog before committing and publishes at commit, it passed 6 runs of "
-    "6; before that it lost loads after a SIGKILL restart (issue 4 note)"))
+    "kept non-strict until it has a longer record: since the worker re-emits what a replayed "
+    "event made and publishes at commit, it passed every run (issue 4 note); before that a "
+    "restarted worker could leave the warehouse stale or loads short"))
 def test_sigkill_mid_stream_recovers_exactly(running_stack) -> None:
     rnd = random.Random(20261204)
     email_ids = [f"rec-{uuid.uuid4().hex[:8]}-{i}" for i in range(40)]
