@@ -50,14 +50,13 @@ _ALLOWED: dict[str, tuple[type, ...]] = {
 
 
 @functools.cache
-def _layout(cls: type) -> tuple[tuple[str, bool], ...]:
-    """(field name, holds a dict or list) of an event class, worked out once."""
-    return tuple((f.name, _ALLOWED[str(f.type)][0] in (dict, list)) for f in fields(cls))
-
-
-@functools.cache
-def _allowed_types(cls: type) -> tuple[tuple[str, tuple[type, ...]], ...]:
-    return tuple((f.name, _ALLOWED[str(f.type)]) for f in fields(cls))
+def _field_types(cls: type) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+    """(name, allowed types, holds a dict or list) of each field, worked out once a class."""
+    layout = []
+    for f in fields(cls):
+        allowed = _ALLOWED[str(f.type)]
+        layout.append((f.name, allowed, allowed[0] in (dict, list)))
+    return tuple(layout)
 
 
 class Event:
@@ -73,7 +72,7 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         # not dataclasses.asdict: its recursive deep copy was most of the worker's time
         out = {}
-        for name, mutable in _layout(type(self)):
+        for name, _, mutable in _field_types(type(self)):
             value = getattr(self, name)
             out[name] = copy.copy(value) if mutable and value is not None else value
         return out
@@ -88,7 +87,7 @@ class Event:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}: expected a JSON object")
         values = {}
-        for name, allowed in _allowed_types(cls):
+        for name, allowed, _ in _field_types(cls):
             if name not in data:
                 continue
             value = data[name]
