@@ -7,10 +7,11 @@ import random
 import time
 import uuid
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from opentrack.events import RawOpen
 from tests.test_backbone import CHROME, OUTLOOK, load
+from tests.topics import topic_records
 
 
 def uid(prefix: str) -> str:
@@ -60,19 +61,10 @@ def test_bad_parameters_are_400(running_stack) -> None:
 
 def changelog_value(bootstrap: str, key: str) -> bytes | None:
     """The newest value of ``key`` in the worker's table changelog (None if never written)."""
-    topic = "opentrack-streams-emails-changelog"
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    end = consumer.end_offsets(tps)
     latest = None
-    while any(consumer.position(tp) < offset for tp, offset in end.items()):
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                if record.key and key.encode() in record.key:
-                    latest = record.value
-    consumer.close()
+    for record in topic_records(bootstrap, "opentrack-streams-emails-changelog"):
+        if record.key and key.encode() in record.key:
+            latest = record.value
     return latest
 
 

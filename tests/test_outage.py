@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from kafka import KafkaConsumer, TopicPartition
 
 from opentrack.events import TOPIC_OPENS_RAW, RawOpen
 from opentrack.kafka_local import LocalKafka
@@ -28,6 +27,7 @@ from opentrack.stack import Child
 from opentrack.topics import ensure_topics
 from tests.conftest import API_KEY, stack_env
 from tests.test_backbone import CHROME
+from tests.topics import topic_records
 
 
 def start_web(env: dict[str, str], log_dir: Path) -> Child:
@@ -52,19 +52,7 @@ def pixel_url(env: dict[str, str], email_id: str) -> str:
 
 
 def topic_values(bootstrap: str, topic: str) -> list[bytes]:
-    """Every value in the topic now, from the beginning ([] for a topic never written)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    values: list[bytes] = []
-    if tps:
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        while any(consumer.position(tp) < offset for tp, offset in end.items()):
-            for records in consumer.poll(timeout_ms=500).values():
-                values.extend(record.value for record in records)
-    consumer.close()
-    return values
+    return [record.value for record in topic_records(bootstrap, topic)]
 
 
 def raw_event_ids(bootstrap: str, email_id: str) -> list[str]:

@@ -11,13 +11,13 @@ import signal
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from opentrack.events import RawOpen
 from opentrack.times import parse_time
 from opentrack.truth import expected_state
 from streams.classify_adapter import classifier_from_settings
-from tests.delivery import produce_loads
+from tests.topics import produce_loads, topic_records
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -35,18 +35,11 @@ SENT_AT = "2026-01-05T09:00:00Z"
 def states_in_kafka(running_stack, email_id: str) -> list[tuple[int, int, int]]:
     """(offset, revision, raw_load_count) of the worker's outputs for one email: says whether
     a stale warehouse row was lost by the worker or by the loader."""
-    consumer = KafkaConsumer(bootstrap_servers=running_stack.settings.bootstrap,
-                             enable_auto_commit=False, consumer_timeout_ms=3000)
-    tps = [TopicPartition("email_state", p)
-           for p in consumer.partitions_for_topic("email_state") or []]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
     found = []
-    for record in consumer:
+    for record in topic_records(running_stack.settings.bootstrap, "email_state"):
         if record.key == email_id.encode():
             value = json.loads(record.value)
             found.append((record.offset, value["revision"], value["raw_load_count"]))
-    consumer.close()
     return found[-5:]
 
 

@@ -17,7 +17,7 @@ from opentrack.events import now_ms
 from opentrack.stack import Child
 from opentrack.times import iso
 from opentrack.workload import generate
-from tests.delivery import produce_loads
+from tests.topics import produce_loads
 from warehouse.engines import RemoteEngine
 
 STATE_FIELDS = ("opened", "open_count", "human_open_count", "machine_open_count",
