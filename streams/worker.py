@@ -84,7 +84,11 @@ def create_worker_app(
         # a killed worker's partitions move to the others after 10 s, not Kafka's 45 s
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
-        stream_wait_empty=False,
+        # At a rebalance, finish and commit (publishing their outputs) the events already
+        # taken before giving partitions up. Without it, a worker that kept a partition
+        # through a rebalance was seen (2 workers, 6 partitions) never to commit it again:
+        # its outputs, published at commit, stayed unsent.
+        stream_wait_empty=True,
     )
     emails = app.Table(
         "emails", key_type=str, partitions=settings.partitions, default=None,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from opentrack import events
 from opentrack.demo import Player, plan
 from opentrack.kafka_local import LocalKafka, free_port
 from opentrack.settings import Settings
@@ -25,6 +26,7 @@ from opentrack.stack import Child
 from opentrack.topics import ensure_topics
 from opentrack.workload import generate
 from tests.conftest import API_KEY, SECRET
+from tests.topics import topic_records
 from warehouse.engines import ServerEngine
 
 PARTITIONS = 6
@@ -49,6 +51,42 @@ class ScaledStack:
             f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
             for p in sorted(self.log_dir.glob("*.log"))
         )
+
+
+def where_loads_stopped(bootstrap: str, ids: list[str], sent: int) -> str:
+    """For a failure message: how many of the test's loads each topic holds, so that a loss
+    is pinned on the pixel, the worker or the loader."""
+    wanted = set(ids)
+    raw = {e.event_id for r in topic_records(bootstrap, events.TOPIC_OPENS_RAW)
+           if (e := events.RawOpen.from_bytes(r.value)).email_id in wanted}
+    processed = {e.event_id for r in topic_records(bootstrap, events.TOPIC_OPENS_PROCESSED)
+                 if (e := events.ProcessedOpen.from_bytes(r.value)).email_id in wanted}
+    latest: dict[str, int] = {}
+    for r in topic_records(bootstrap, events.TOPIC_EMAIL_STATE):
+        if r.value is not None:
+            state = events.EmailState.from_bytes(r.value)
+            if state.email_id in wanted:
+                latest[state.email_id] = state.raw_load_count
+    return (f"sent {sent}; in {events.TOPIC_OPENS_RAW}: {len(raw)}; in "
+            f"{events.TOPIC_OPENS_PROCESSED}: {len(processed)} (of them not raw: "
+            f"{len(processed - raw)}); in {events.TOPIC_EMAIL_STATE} (latest per email): "
+            f"{sum(latest.values())}; the workers' group behind by: {worker_lag(bootstrap)}")
+
+
+def worker_lag(bootstrap: str) -> dict[str, int]:
+    """Per input partition, how far the stream workers' committed offset is from the end."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        committed = admin.list_group_offsets("opentrack-streams")["opentrack-streams"]
+        ends = consumer.end_offsets(list(committed))
+        return {f"{tp.topic}-{tp.partition}": ends[tp] - meta.offset
+                for tp, meta in sorted(committed.items()) if ends[tp] > meta.offset}
+    finally:
+        admin.close()
+        consumer.close()
 
 
 def two_free_ports() -> int:
@@ -183,7 +221,10 @@ def test_two_workers_and_two_loaders_count_exactly(scaled_stack: ScaledStack) ->
             break
         time.sleep(1)
     caught_up = time.monotonic() - finished
-    assert total == len(sent.loads), f"{total} of {len(sent.loads)}\n" + stack.log_tails()
+    assert total == len(sent.loads), (
+        f"{total} of {len(sent.loads)} in the warehouse; "
+        + where_loads_stopped(settings.bootstrap, ids, len(sent.loads)) + "\n"
+        + stack.log_tails())
     time.sleep(3)  # the last re-decided loads land too
 
     window_ms = int(settings.dedup_window * 1000)

@@ -178,6 +178,11 @@ class Loader:
             max_poll_interval_ms=30 * 60 * 1000,  # room for a long ClickHouse outage
             fetch_max_wait_ms=self.poll_ms,
             isolation_level="read_committed",
+            # A group leader whose metadata lacks a subscribed topic at a rebalance (seen with
+            # kafka-python 3.0 under load: "No partition metadata for topic ...") leaves that
+            # topic unassigned until its next metadata refresh; Kafka's 5 minutes stalled the
+            # warehouse that long, a few seconds bound the stall.
+            metadata_max_age_ms=5000,
         )
 
     def _retry(self, write: Callable[[], Any]) -> bool:
