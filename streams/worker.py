@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import faust
@@ -90,6 +91,7 @@ def create_worker_app(
         # its outputs, published at commit, stayed unsent.
         stream_wait_empty=True,
     )
+    ChangelogBarrier(app.producer)
     emails = app.Table(
         "emails", key_type=str, partitions=settings.partitions, default=None,
     )
@@ -184,6 +186,52 @@ async def _switches_known(switches: ProfileSwitches, at_ms: int, patience: float
     while switches.known_until < target and waited < patience:
         await asyncio.sleep(0.01)
         waited += 0.01
+
+
+class ChangelogBarrier:
+    """Makes the producer flush that Faust runs before committing offsets wait for every table
+    change to have reached Kafka's producer.
+
+    Faust writes table changes to the changelog through a buffer whose flush gives up after
+    100 ms without a send (a loaded event loop is often that late) and does not wait for the
+    message being sent. Offsets could then be committed for events whose changelog record was
+    still in memory, and a SIGKILL lost them: the table came back one load short (found by the
+    SIGKILL recovery test). This counts the buffer's messages in and out; it must be installed
+    before the producer starts. A flush that cannot finish raises, so that Faust stops the
+    worker rather than commit past an unwritten change.
+    """
+
+    patience = 60.0
+
+    def __init__(self, producer: faust.types.ProducerT) -> None:
+        self.put = self.sent = 0
+        buffer = producer.buffer
+        buffer_put, send_pending, flush = buffer.put, buffer._send_pending, producer.flush
+
+        def put(fut: faust.types.FutureMessage) -> None:
+            self.put += 1
+            buffer_put(fut)
+
+        async def send(fut: faust.types.FutureMessage) -> None:
+            try:
+                await send_pending(fut)
+            finally:
+                self.sent += 1
+
+        async def flush_all() -> None:
+            target = self.put  # what was written before this commit; later writes go on
+            deadline = time.monotonic() + self.patience
+            while self.sent < target:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{target - self.sent} table changes not handed to Kafka's producer in "
+                        f"{self.patience:.0f} s; not committing past them")
+                await asyncio.sleep(0.001)
+            await flush()
+
+        buffer.put = put  # type: ignore[method-assign]
+        buffer._send_pending = send  # type: ignore[method-assign]
+        producer.flush = flush_all  # type: ignore[method-assign]
 
 
 class QuietWorker(Worker):
