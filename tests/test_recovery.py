@@ -10,7 +10,6 @@ import shutil
 import signal
 import uuid
 
-import pytest
 from kafka import KafkaProducer
 
 from opentrack.events import RawOpen
@@ -70,10 +69,6 @@ def make_loads(email_ids: list[str], count: int, rnd: random.Random) -> list[Raw
     return loads
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "kept non-strict until it has a longer record: since the worker re-emits what a replayed "
-    "event made and publishes at commit, it passed every run (issue 4 note); before that a "
-    "restarted worker could leave the warehouse stale or loads short"))
 def test_sigkill_mid_stream_recovers_exactly(running_stack) -> None:
     rnd = random.Random(20261204)
     email_ids = [f"rec-{uuid.uuid4().hex[:8]}-{i}" for i in range(40)]

@@ -79,9 +79,6 @@ def some_traffic(stack) -> list[str]:
     return emails
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky right after the SIGKILL test: in one fresh-clone run of three the second replay "
-    "changed one open row (an output of the restarted worker still landing); issue 7 note"))
 def test_replay_everything_twice_changes_nothing(running_stack) -> None:
     some_traffic(running_stack)
     before = settled_snapshot(running_stack)

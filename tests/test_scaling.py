@@ -290,10 +290,6 @@ def test_two_workers_and_two_loaders_count_exactly(scaled_stack: ScaledStack) ->
 BACKLOG = 60_000
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky: in one fresh-clone run of three the restarted loader wrote 0 of 60,000 rows in "
-    "time; suspected: a kafka-python consumer subscribed before a topic exists gets no "
-    "partitions of it until its metadata refresh (5 min); issue 8 note"))
 def test_one_loader_catches_up_a_backlog(scaled_stack: ScaledStack) -> None:
     """The loader's write rate on the ClickHouse server: both loaders stopped, a backlog of
     processed opens (as the workers publish them) waits in Kafka, one loader comes back and

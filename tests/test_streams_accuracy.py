@@ -9,7 +9,6 @@ import random
 import signal
 import time
 
-import pytest
 from kafka import KafkaProducer
 
 from opentrack.accuracy import format_report, report
@@ -44,10 +43,6 @@ def query_chunks(engine, sql: str, ids: list[str]) -> list[dict]:
     return rows
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "kept non-strict until it has a longer record: it passed in CI and timed out once on a "
-    "machine loaded by benchmarks; before the re-emission fix a killed worker could leave "
-    "the warehouse stale (issue 4 note)"))
 def test_labelled_workload_through_two_workers_with_a_kill(running_stack) -> None:
     settings = running_stack.settings
     workload = generate(emails=18_500, days=7, seed=random.randrange(1 << 30),
