@@ -33,7 +33,7 @@ from warehouse import facts
 from warehouse.engines import ChdbEngine, Engine, ServerEngine
 from warehouse.erasure import erase_emails
 from warehouse.loader import SINKS, STATE_COLUMNS, rows_by_table, write_batch
-from warehouse.schema import LATEST, migrate
+from warehouse.schema import migrate
 
 
 def facts_of(engine: Engine, email_ids: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -227,7 +227,7 @@ def test_migration_3_fills_the_facts_of_an_existing_warehouse(warehouse_engine) 
             if table == "email_state":
                 columns = old_state_columns
             engine.insert(table, columns, [row[:len(columns)] for row in tables[table]])
-        assert migrate(engine) == [3] and LATEST == 3
+        assert migrate(engine, upto=3) == [3]
 
         truth = email_truth(workload)
         first_human = {r["email_id"]: r["first_human_opened_at"] for r in engine.query(
@@ -246,7 +246,7 @@ def test_migration_3_fills_the_facts_of_an_existing_warehouse(warehouse_engine) 
             assert {k: row[k] for k in analytics.COUNTS} == {
                 k: expected[k] for k in analytics.COUNTS}
             assert row["time_to_first_human_open_median_s"] * 1000 == expected["median_ms"]
-        assert migrate(engine) == []
+        assert migrate(engine, upto=3) == []
 
 
 def _with_first_human(state: EmailState, truth: dict) -> EmailState:

@@ -28,6 +28,7 @@ from opentrack.workload import generate
 from tests.conftest import API_KEY, SECRET
 from tests.topics import topic_records
 from warehouse.engines import ServerEngine
+from warehouse.schema import LATEST
 
 PARTITIONS = 6
 EMAILS = 2500
@@ -164,8 +165,10 @@ def scaled_stack(clickhouse_server, tmp_path_factory: pytest.TempPathFactory
         wait_http(metrics["loader-0"], children)
         engine = ServerEngine(settings.clickhouse_url)
         deadline = time.monotonic() + 60
-        while not engine.query("EXISTS TABLE email_state")[0]["result"]:
-            assert time.monotonic() < deadline, "the loader did not create the tables"
+        # all migrations applied: two loaders migrating at once would rebuild tables together
+        while not (engine.query("EXISTS TABLE schema_migrations")[0]["result"] and engine.query(
+                "SELECT max(version) AS v FROM schema_migrations")[0]["v"] == LATEST):
+            assert time.monotonic() < deadline, "the loader did not migrate the warehouse"
             time.sleep(0.3)
         for child in (loaders[1], *workers, web):
             child.start(env, log_dir)

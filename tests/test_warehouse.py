@@ -7,7 +7,7 @@ import uuid
 from opentrack.events import EmailState, Engagement, ProcessedOpen, SendRegistered
 from warehouse import reads
 from warehouse.loader import rows_by_table, write_batch
-from warehouse.schema import LATEST, migrate
+from warehouse.schema import LATEST, SMALL_GRANULE_TABLES, SMALL_GRANULES, migrate
 
 SENT = 1_767_603_600_000  # 2026-01-05T09:00:00Z
 
@@ -39,6 +39,15 @@ def test_migrations_are_idempotent(warehouse_engine) -> None:
     assert migrate(warehouse_engine) == []
     versions = warehouse_engine.query("SELECT max(version) AS v FROM schema_migrations")
     assert versions[0]["v"] == LATEST
+
+
+def test_tables_read_by_key_have_small_granules(warehouse_engine) -> None:
+    """A new warehouse gets them too (migration 4 rebuilds the tables 1 made, empty)."""
+    clauses = {r["name"]: r["engine_full"] for r in warehouse_engine.query(
+        "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()")}
+    for table in SMALL_GRANULE_TABLES:
+        assert f"SETTINGS index_granularity = {SMALL_GRANULES}" in clauses[table]
+    assert not [name for name in clauses if "__m4_" in name]
 
 
 def test_state_with_send_metadata(warehouse_engine) -> None:

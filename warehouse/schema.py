@@ -10,6 +10,7 @@ one row. Reads use ``FINAL`` (or argMax) so they never see the duplicates before
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from warehouse import facts
@@ -56,6 +57,124 @@ _FILL_FIRST_HUMAN_OPENED_AT = f"""
     ) AS o USING email_id
     WHERE first_human > 0"""
 
+_SENDS_BY_PERSON_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS sends_by_person_mv
+        TO sends_by_person AS
+        SELECT person_type, person_id, sent_at, email_id, registered_at FROM sends"""
+
+# Rows per granule (one mark of the sparse primary index) of the tables read by key. A read
+# of a few ids decompresses and filters whole granules: at ClickHouse's default of 8192 rows
+# a one-email lookup read ~8k rows per column of each table, most of its time.
+SMALL_GRANULES = 256
+# The tables looked up by email id (or by person): the state of an email, the pages'
+# emails, a person's emails, and the reopened emails' opens. Not email_facts: it is only
+# scanned (the comparisons), where small granules cost a little and save nothing.
+SMALL_GRANULE_TABLES = ("sends", "sends_by_person", "email_state", "engagement", "opens")
+# A granule is read by decompressing the compressed block(s) it lies in: 64 KiB to 1 MiB by
+# default, so 256-row granules alone save little. Where the engine takes block sizes per
+# table (chDB; 18.16 has them only server-wide), the tables only read by key get blocks of
+# at most 8 KiB. Not opens: its 10M rows are also scanned (reloads, replays), where small
+# blocks compress worse.
+SMALL_BLOCKS = {"min_compress_block_size": 1024, "max_compress_block_size": 8192}
+SMALL_BLOCK_TABLES = ("sends", "sends_by_person", "email_state", "engagement")
+_NEW, _OLD = "{}__m4_new", "{}__m4_old"
+
+
+def _tables(engine: Engine) -> dict[str, str]:
+    """This database's tables and their engine clauses (``engine_full``: ``ReplacingMergeTree
+    (v) PARTITION BY ... ORDER BY ... SETTINGS index_granularity = 8192`` on 18.16 as on
+    chDB; empty for views)."""
+    return {r["name"]: r["engine_full"] for r in engine.query(
+        "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()")}
+
+
+def _granularity(engine_full: str) -> int:
+    found = re.search(r"\bindex_granularity = (\d+)", engine_full)
+    return int(found.group(1)) if found else 8192
+
+
+def small_block_settings(engine: Engine) -> dict[str, int]:
+    """``SMALL_BLOCKS``, if this engine takes them as table settings (else none)."""
+    known = {r["name"] for r in engine.query(
+        "SELECT name FROM system.merge_tree_settings WHERE name IN %(names)s",
+        {"names": tuple(SMALL_BLOCKS)})}
+    return SMALL_BLOCKS if known == set(SMALL_BLOCKS) else {}
+
+
+def _with_granularity(engine_full: str, rows: int, extra: dict[str, int]) -> str:
+    setting = ", ".join(f"{k} = {v}" for k, v in {"index_granularity": rows, **extra}.items())
+    if re.search(r"\bindex_granularity = \d+", engine_full):
+        return re.sub(r"\bindex_granularity = \d+", setting, engine_full)
+    if " SETTINGS " in engine_full:
+        return f"{engine_full}, {setting}"
+    return f"{engine_full} SETTINGS {setting}"
+
+
+def _copy_with_small_granules(engine: Engine) -> None:
+    """Step 1 of 3: beside each table lacking the setting, ``<table>__m4_new``: the same
+    columns (``CREATE TABLE ... AS``), the same engine clause (version column, PARTITION BY,
+    ORDER BY) but small granules, holding the table's rows. ClickHouse cannot change a
+    table's index_granularity, so the table is rebuilt.
+
+    The rows are copied with FINAL: what every read sees, and what a merge would keep. A
+    plain copy could reorder rows of one key with equal versions, of which a
+    ReplacingMergeTree keeps the last inserted (migration 3 relies on it), and change
+    which one reads see.
+
+    Rerun: a half-written copy (a crash during the INSERT) is dropped and made again; a
+    table swapped already (it has the setting) or half-swapped (it is missing: the crash
+    came between the renames of step 2) needs no copy."""
+    tables = _tables(engine)
+    blocks = small_block_settings(engine)
+    for table in SMALL_GRANULE_TABLES:
+        if table not in tables or _granularity(tables[table]) == SMALL_GRANULES:
+            continue
+        new = _NEW.format(table)
+        extra = blocks if table in SMALL_BLOCK_TABLES else {}
+        engine.execute(f"DROP TABLE IF EXISTS {new}")
+        engine.execute(f"CREATE TABLE {new} AS {table} "
+                       f"ENGINE = {_with_granularity(tables[table], SMALL_GRANULES, extra)}")
+        engine.execute(f"INSERT INTO {new} SELECT * FROM {table} FINAL")
+
+
+def _swap_in_small_granules(engine: Engine) -> None:
+    """Step 2 of 3: each copy takes its table's name, the table moves to ``<table>__m4_old``;
+    then the materialized view that fills sends_by_person from sends is made again: chDB
+    keeps a view bound to the tables it was created on through a RENAME (the new sends
+    would no longer reach sends_by_person once the old tables are dropped); 18.16 binds it
+    by name, where making it again changes nothing.
+
+    Rerun: a table already swapped is skipped; one whose rename ran but not its copy's
+    (``RENAME a TO b, c TO d`` is two renames, not one atomic step) gets its copy renamed."""
+    tables = _tables(engine)
+    if any(_NEW.format(table) in tables for table in SMALL_GRANULE_TABLES):
+        # only when there is something to swap: a loader already writing must not lose the
+        # view for a moment because another one starts and runs this step again
+        engine.execute("DROP TABLE IF EXISTS sends_by_person_mv")
+    for table in SMALL_GRANULE_TABLES:
+        new, old = _NEW.format(table), _OLD.format(table)
+        if table not in tables and new in tables:  # crashed between the two renames
+            engine.execute(f"RENAME TABLE {new} TO {table}")
+        elif table in tables and new in tables:
+            if _granularity(tables[new]) != SMALL_GRANULES:
+                raise RuntimeError(f"{new} is not the copy of {table} this migration makes")
+            if _granularity(tables[table]) != SMALL_GRANULES:
+                if old in tables:  # not a state this migration leaves: look before dropping
+                    raise RuntimeError(f"{old} exists beside {table}: which one is current?")
+                engine.execute(f"RENAME TABLE {table} TO {old}, {new} TO {table}")
+    engine.execute(_SENDS_BY_PERSON_MV)
+
+
+def _drop_replaced(engine: Engine) -> None:
+    """Step 3 of 3: drop the tables the copies replaced (and any copy a crash left behind
+    beside a table swapped already: the copy step makes none for such a table)."""
+    tables = _tables(engine)
+    for table in SMALL_GRANULE_TABLES:
+        old, new = _OLD.format(table), _NEW.format(table)
+        if table in tables and _granularity(tables[table]) == SMALL_GRANULES:
+            engine.execute(f"DROP TABLE IF EXISTS {old}")
+            engine.execute(f"DROP TABLE IF EXISTS {new}")
+
+
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "sends, opens, email state, engagement", [
         """CREATE TABLE IF NOT EXISTS sends (
@@ -69,8 +188,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
             registered_at Int64
         ) ENGINE = ReplacingMergeTree(registered_at)
         ORDER BY (person_type, person_id, email_id)""",
-        """CREATE MATERIALIZED VIEW IF NOT EXISTS sends_by_person_mv TO sends_by_person AS
-        SELECT person_type, person_id, sent_at, email_id, registered_at FROM sends""",
+        _SENDS_BY_PERSON_MV,
         f"""CREATE TABLE IF NOT EXISTS opens (
             event_id String, email_id String, received_at Int64, load_class String,
             reason String, counted UInt8, fingerprint String, client_family String,
@@ -98,6 +216,11 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         _FILL_FIRST_HUMAN_OPENED_AT,
         facts.CREATE_TABLE,
         facts.rebuild,
+    ]),
+    (4, f"index_granularity {SMALL_GRANULES} (and small blocks) for the tables read by key", [
+        _copy_with_small_granules,
+        _swap_in_small_granules,
+        _drop_replaced,
     ]),
 ]
 

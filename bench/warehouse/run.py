@@ -21,6 +21,7 @@ medians and the CPU time this process spent (chDB runs in-process) are what to c
     .venv/bin/python bench/warehouse/run.py                 # 1M emails, 10M opens
     .venv/bin/python bench/warehouse/run.py --quick         # 50k emails, 500k opens
     .venv/bin/python bench/warehouse/run.py --data-dir /tmp/wh   # keep it; reuse when full
+    .venv/bin/python bench/warehouse/run.py --small-granules     # schema 3, then migration 4
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ from opentrack.events import (  # noqa: E402
 from warehouse import reads  # noqa: E402
 from warehouse.engines import ChdbEngine, Engine, RemoteEngine  # noqa: E402
 from warehouse.loader import SINKS, Loader, rows_by_table, write_batch  # noqa: E402
-from warehouse.schema import migrate  # noqa: E402
+from warehouse.schema import (  # noqa: E402
+    SMALL_BLOCK_TABLES,
+    SMALL_BLOCKS,
+    SMALL_GRANULE_TABLES,
+    SMALL_GRANULES,
+    migrate,
+)
 from warehouse.service import QueryServer  # noqa: E402
 
 SECOND_MS = 1_000
@@ -547,24 +554,15 @@ def measure_reads(engine: Engine, remote: Engine, sample: Sample, rounds: int, q
         print(timing.line(), flush=True)
 
 
-SMALL_GRANULES = "index_granularity = 256, min_compress_block_size = 1024, " \
-    "max_compress_block_size = 8192"
-LOOKUP_TABLES = ("sends", "email_state", "engagement")
-
-
-def use_small_granules(engine: Engine) -> None:
-    """The proposed migration, to time its reads: the tables read by email id rebuilt with
-    granules of 256 rows in small compressed blocks (a lookup then decompresses ~8 KiB per
-    column instead of up to a 8192-row granule), swapped in under the same names."""
-    for table in LOOKUP_TABLES:
-        create = engine.query(f"SHOW CREATE TABLE {table}")[0]["statement"]
-        head, _, _ = create.partition("SETTINGS")
-        engine.execute(f"DROP TABLE IF EXISTS {table}_small")
-        engine.execute(head.replace(f".{table}", f".{table}_small", 1)
-                       + f" SETTINGS {SMALL_GRANULES}")
-        engine.execute(f"INSERT INTO {table}_small SELECT * FROM {table}")
-        engine.execute(f"OPTIMIZE TABLE {table}_small FINAL")
-        engine.execute(f"RENAME TABLE {table} TO {table}_default, {table}_small TO {table}")
+def apply_migration_4(engine: Engine) -> None:
+    """Migration 4 on the filled warehouse: the tables read by key rebuilt with small
+    granules (``warehouse.schema.SMALL_GRANULES`` rows), swapped in under the same names."""
+    began = time.perf_counter()
+    applied = migrate(engine)
+    blocks = ", ".join(f"{k} = {v}" for k, v in SMALL_BLOCKS.items())
+    print(f"\nmigration {applied} ({', '.join(SMALL_GRANULE_TABLES)} with index_granularity "
+          f"{SMALL_GRANULES}; {', '.join(SMALL_BLOCK_TABLES)} also {blocks}) took "
+          f"{time.perf_counter() - began:.0f} s")
 
 
 def describe(engine: Engine) -> None:
@@ -596,8 +594,9 @@ def main() -> None:
     parser.add_argument("--optimize", action="store_true",
                         help="also time the reads after OPTIMIZE TABLE ... FINAL")
     parser.add_argument("--small-granules", action="store_true",
-                        help="also time the reads after the proposed migration (after "
-                        "OPTIMIZE, to compare like with like); it alters the warehouse")
+                        help="fill (or reuse) the warehouse at schema version 3, then also "
+                        "time the reads after migration 4 (small granules), both after "
+                        "OPTIMIZE to compare like with like; it migrates the warehouse")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the warehouse here, and reuse it when already filled")
@@ -609,8 +608,9 @@ def main() -> None:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="opentrack-bench-warehouse-"))
     engine = ChdbEngine(data_dir)
     try:
-        migrate(engine)
-        print(f"warehouse: {data_dir} (chDB)")
+        migrate(engine, upto=3 if args.small_granules else None)
+        version = engine.query("SELECT max(version) AS v FROM schema_migrations")[0]["v"]
+        print(f"warehouse: {data_dir} (chDB), schema version {version}")
         have = engine.query("SELECT count() AS n FROM sends")[0]["n"]
         if have:
             print(f"reusing it: {have:,} sends (no write figures)")
@@ -626,16 +626,17 @@ def main() -> None:
             measure_reads(engine, remote, sample, args.rounds, args.queries, args.deep_page,
                           args.seed)
             if args.optimize or args.small_granules:
-                for table in TABLE_COLUMNS:
+                for table in (*TABLE_COLUMNS, "sends_by_person"):
                     engine.execute(f"OPTIMIZE TABLE {table} FINAL")
                 print("\nreads after OPTIMIZE TABLE ... FINAL:")
                 describe(engine)
                 measure_reads(engine, remote, sample, args.rounds, args.queries,
                               args.deep_page, args.seed)
             if args.small_granules:
-                use_small_granules(engine)
-                print(f"\nreads with {', '.join(LOOKUP_TABLES)} in small granules "
-                      f"({SMALL_GRANULES}), merged:")
+                apply_migration_4(engine)
+                for table in (*TABLE_COLUMNS, "sends_by_person"):
+                    engine.execute(f"OPTIMIZE TABLE {table} FINAL")
+                print("\nreads after migration 4 and OPTIMIZE TABLE ... FINAL:")
                 describe(engine)
                 measure_reads(engine, remote, sample, args.rounds, args.queries,
                               args.deep_page, args.seed)
