@@ -10,18 +10,12 @@ that is ``opentrack loader``, which serves a reload on the warehouse socket (see
 ``warehouse.service``); on a ClickHouse server the replay runs it itself. The loader goes on
 with live traffic meanwhile: both write through the same engine.
 
-Write path: the loader's own row builders and batch insert (``rows_by_table``,
-``write_batch``) on a ClickHouse server, and for any batch the fast path does not take.
-The fast path (chDB only): the JSON values go to
-ClickHouse as they are, into a staging table of the event's fields, then into the table,
-without the rows of erased emails. A batch with a record the row builders would treat
-specially (a missing field, a null where a value is required, a value of the wrong type)
-(or an engagement kind it does not know) goes through the row builders instead;
-``tests/test_replay.py`` checks that both write the
-same rows. The fast path is a little more lenient only on values no OpenTrack producer
-writes: a number in quotes, 0 or 1 for a boolean. The emails' facts (``warehouse.facts``),
-which the row builders' ``write_batch`` refreshes batch by batch, are refreshed once at the
-end for the emails the fast path wrote (a refresh scans the tables, whatever its size).
+Write path: the loader's own, ``warehouse.loader.TableWriter``: on chDB the fast path (the
+JSON values straight into ClickHouse, through a Null table whose materialized views write
+the table; the batches it cannot take through the row builders), on a ClickHouse server the
+row builders and batch insert (``rows_by_table``, ``write_batch``). The emails' facts
+(``warehouse.facts``), which the live loader refreshes batch by batch, are refreshed once at
+the end for the emails the fast path wrote (a refresh scans the tables, whatever its size).
 
 Idempotent: the tables are ReplacingMergeTrees keyed as the loader keys them, so a reload
 (or two) of rows the warehouse has changes nothing. Erasures first: every erasure in Kafka is
@@ -43,10 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentrack import events
-from warehouse import facts
-from warehouse.engines import ChdbEngine, Engine
+from warehouse.engines import Engine
 from warehouse.erasure import erase_emails, erased_ids
-from warehouse.loader import SINKS, erasure_of, rows_by_table, write_batch
+from warehouse.loader import TableWriter, erasure_of
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +47,9 @@ RELOAD_TOPICS = (
     events.TOPIC_OPENS_PROCESSED, events.TOPIC_EMAIL_STATE, events.TOPIC_SENDS,
     events.TOPIC_ENGAGEMENT,
 )
-# Row builders that only copy the event's fields (None as "" or 0), and what else they
-# check: the fast path may take these topics.
-FAST_TOPICS = (events.TOPIC_SENDS, events.TOPIC_OPENS_PROCESSED, events.TOPIC_EMAIL_STATE,
-               events.TOPIC_ENGAGEMENT)
-_KINDS = ", ".join(f"'{kind}'" for kind in events.ENGAGEMENT_KINDS)
-_ROW_CHECKS = {events.TOPIC_ENGAGEMENT: f"kind IN ({_KINDS})"}
 # Records per insert: large enough for ClickHouse, small enough that a live batch of the
 # loader never waits long behind one (they share the engine's lock).
 BATCH_RECORDS = 50_000
-# ClickHouse reads each JSON value as the type of its field, and nothing else; in one
-# thread (parallel parsing cost a third more CPU and three times the time on two busy cores).
-_STRICT_JSON = (
-    "input_format_parallel_parsing = 0, "
-    "input_format_skip_unknown_fields = 1, input_format_json_read_numbers_as_strings = 0, "
-    "input_format_json_read_bools_as_numbers = 0, input_format_json_read_bools_as_strings = 0, "
-    "input_format_json_read_objects_as_strings = 0, "
-    "input_format_json_read_arrays_as_strings = 0"
-)
-_SQL_TYPES = {"str": "String", "str | None": "String", "int": "Int64", "int | None": "Int64",
-              "bool": "Bool"}
 
 
 class ReloadError(RuntimeError):
@@ -121,139 +97,6 @@ class ReloadResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class _FastTable:
-    """The SQL of one table's fast path: staging table, completeness check, move."""
-
-    create: str
-    insert: str
-    check: str
-    move: str
-    touch: str  # the batch's emails, for the facts refresh at the end
-    clear: str
-    drop: str
-
-
-def _fast_table(engine: Engine, topic: str, suffix: str, touched: str) -> _FastTable | None:
-    """The fast path of a topic, or None when its table holds a column that is not a plain
-    field of the event (then the row builders write it)."""
-    table, columns, event_type, _ = SINKS[topic]
-    event_fields = {f.name: f for f in dataclasses.fields(event_type)}
-    present = {r["name"] for r in engine.query(f"DESCRIBE TABLE {table}")}
-    if not set(columns) <= set(event_fields) or not set(columns) <= present:
-        return None
-    if any(str(f.type) not in _SQL_TYPES for f in event_fields.values()):
-        return None  # a field ClickHouse would read differently (a dict, a list)
-    # required as ``from_dict`` requires: no default (a computed one counts as none)
-    required = [name for name, f in event_fields.items() if f.default is dataclasses.MISSING]
-    selects = []
-    for column in columns:
-        f = event_fields[column]
-        kind = str(f.type)
-        if f.default is dataclasses.MISSING or f.default is None:
-            empty = "''" if kind.startswith("str") else "0"
-        elif isinstance(f.default, bool | int):
-            empty = str(int(f.default))
-        else:
-            empty = "'" + str(f.default).replace("\\", "\\\\").replace("'", "\\'") + "'"
-        value = f"toUInt8({column})" if kind == "bool" else column
-        selects.append(f"ifNull({value}, {empty})")
-    stage = f"reload_{table}_{suffix}"
-    structure = ", ".join(
-        f"{name} Nullable({_SQL_TYPES[str(f.type)]})" for name, f in event_fields.items())
-    not_erased = "email_id NOT IN (SELECT email_id FROM erased_emails)"
-    checks = [f"{name} IS NOT NULL" for name in required]
-    if topic in _ROW_CHECKS:
-        checks.append(_ROW_CHECKS[topic])
-    complete = " AND ".join(checks) or "1"
-    return _FastTable(
-        create=f"CREATE TABLE IF NOT EXISTS {stage} ({structure}) ENGINE = Memory",
-        insert=f"INSERT INTO {stage} SETTINGS {_STRICT_JSON} FORMAT JSONEachRow\n",
-        check=f"SELECT countIf(NOT ({complete})) AS incomplete, "
-              f"countIf(NOT ({not_erased})) AS erased FROM {stage}",
-        move=f"INSERT INTO {table} ({', '.join(columns)}) "
-             f"SELECT {', '.join(selects)} FROM {stage} WHERE {not_erased}",
-        touch=f"INSERT INTO {touched} SELECT DISTINCT email_id FROM {stage} WHERE {not_erased}",
-        clear=f"TRUNCATE TABLE {stage}",
-        drop=f"DROP TABLE IF EXISTS {stage}",
-    )
-
-
-class TableWriter:
-    """Writes one topic's values the loader's way: the fast path where it applies, the row
-    builders otherwise. Not thread-safe: one writer thread per reload."""
-
-    def __init__(
-        self, engine: Engine, erased: set[str], fast: bool | None = None,
-        result: ReloadResult | None = None,
-    ) -> None:
-        self.engine = engine
-        self.erased = erased
-        self.result = result if result is not None else ReloadResult()
-        if fast is None:
-            fast = isinstance(engine, ChdbEngine)
-        suffix = uuid.uuid4().hex[:8]
-        self._touched = f"reload_touched_{suffix}"
-        self._fast: dict[str, _FastTable] = {}
-        for topic in FAST_TOPICS if fast else ():
-            sql = _fast_table(engine, topic, suffix, self._touched)
-            if sql is not None:
-                engine.execute(sql.create)
-                self._fast[topic] = sql
-        if self._fast:
-            engine.execute(f"CREATE TABLE {self._touched} (email_id String) ENGINE = Memory")
-
-    def write(self, topic: str, values: Sequence[bytes | None]) -> None:
-        present = [v for v in values if v is not None]  # tombstones: erased sends
-        if not present:
-            return
-        sql = self._fast.get(topic)
-        if sql is not None and self._write_fast(topic, sql, present):
-            return
-        if sql is not None:
-            self.result.fallback_batches += 1
-        tables = rows_by_table(((topic, v) for v in present), self.erased)
-        write_batch(self.engine, tables)
-        written = sum(len(rows) for rows in tables.values())
-        self.result.skipped += len(present) - written
-        for table, rows in tables.items():
-            self.result.rows[table] = self.result.rows.get(table, 0) + len(rows)
-
-    def _write_fast(self, topic: str, sql: _FastTable, values: list[bytes]) -> bool:
-        """False when the batch needs the row builders (nothing of it was written)."""
-        try:
-            body = b"\n".join(values).decode()
-            self.engine.execute(sql.insert + body)
-        except (UnicodeDecodeError, RuntimeError) as exc:  # chDB: a value it cannot read
-            log.info("reload: a %s batch goes through the row builders: %s", topic, exc)
-            self.engine.execute(sql.clear)
-            return False
-        check = self.engine.query(sql.check)[0]
-        if check["incomplete"]:
-            self.engine.execute(sql.clear)
-            return False
-        self.engine.execute(sql.move)
-        if topic != events.TOPIC_OPENS_PROCESSED:  # opens reach the facts through states
-            self.engine.execute(sql.touch)
-        self.engine.execute(sql.clear)
-        table = SINKS[topic][0]
-        self.result.rows[table] = self.result.rows.get(table, 0) + len(values) - check["erased"]
-        self.result.skipped += check["erased"]
-        return True
-
-    def refresh_facts(self) -> None:
-        """The facts of the emails the fast path wrote, from the tables, in one pass."""
-        if self._fast:
-            facts.refresh_matching(self.engine, f"SELECT email_id FROM {self._touched}")
-            self.engine.execute(f"TRUNCATE TABLE {self._touched}")
-
-    def close(self) -> None:
-        for sql in self._fast.values():
-            self.engine.execute(sql.drop)
-        if self._fast:
-            self.engine.execute(f"DROP TABLE IF EXISTS {self._touched}")
 
 
 class _Snapshot:
@@ -339,7 +182,8 @@ class Reload:
         erased |= in_kafka
         at = self._phase("erasures", at)
         snapshot = _Snapshot(self.engine, self.since_ms) if self.diff else None
-        writer = TableWriter(self.engine, erased, self.fast, self.result)
+        writer = TableWriter(self.engine, erased, self.fast, self.result,
+                             prefix=f"reload_{uuid.uuid4().hex[:8]}")
         try:
             if snapshot is not None:
                 snapshot.take()
