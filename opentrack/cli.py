@@ -168,6 +168,27 @@ def loader() -> None:
 
 
 @main.command()
+def migrate() -> None:
+    """Apply the warehouse schema migrations it lacks, then exit. Every loader does this when
+    it starts; run it once first when several loaders start together (`docker compose up
+    --scale loader=N`), since a migration that rebuilds a table must not run twice at once.
+    On the embedded warehouse, stop the stack first: its loader owns chDB."""
+    from warehouse.engines import writer_engine
+    from warehouse.schema import LATEST
+    from warehouse.schema import migrate as apply_migrations
+
+    settings = _settings()
+    _logging(settings, "migrate")
+    engine = writer_engine(settings.clickhouse_url, settings.data_dir)
+    try:
+        applied = apply_migrations(engine)
+    finally:
+        engine.close()
+    done = ", ".join(str(v) for v in applied) or "none (it was up to date)"
+    click.echo(f"warehouse at schema version {LATEST}; applied now: {done}")
+
+
+@main.command()
 @click.option("--emails", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
               help="How many sends to register.")
 @click.option("--days", default=7.0, show_default=True, type=click.FloatRange(min=0.01),

@@ -147,3 +147,36 @@ def test_every_metric_on_the_dashboard_is_defined_in_the_code() -> None:
 
 def test_the_worker_metrics_are_on_the_dashboard() -> None:
     assert set(WORKER_METRICS) <= dashboard_metrics() & metrics_defined_in_code()
+
+
+def test_loaders_start_after_one_migration() -> None:
+    """Several loaders starting together would each rebuild the tables of a migration."""
+    services = compose()["services"]
+    assert services["migrate"]["command"] == ["opentrack", "migrate"]
+    assert services["migrate"]["restart"] == "no"
+    needs = services["loader"]["depends_on"]
+    assert needs["migrate"] == {"condition": "service_completed_successfully"}
+    assert needs["kafka"]["condition"] == needs["clickhouse"]["condition"] == "service_healthy"
+
+
+def test_the_migrate_command_brings_a_warehouse_to_the_latest_version(tmp_path) -> None:
+    """In its own process: chDB holds one warehouse per process, and the tests' own is open."""
+    import os
+    import subprocess
+    import sys
+
+    from warehouse.schema import LATEST
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENTRACK_")}
+    env.update(OPENTRACK_DATA_DIR=str(tmp_path), OPENTRACK_SECRET="s" * 32,
+               OPENTRACK_API_KEY="k" * 32)
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-m", "opentrack.cli", "migrate"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    applied = ", ".join(str(v) for v in range(1, LATEST + 1))
+    assert f"schema version {LATEST}; applied now: {applied}" in run()
+    assert "applied now: none" in run()
