@@ -183,7 +183,7 @@ _SQL_TYPES = {"str": "String", "str | None": "String", "int": "Int64", "int | No
 
 @dataclass
 class WriteCounts:
-    """What a ``TableWriter`` wrote (``warehouse.reload.ReloadResult`` has the same fields)."""
+    """What a ``TableWriter`` wrote (a reload's result adds what else it did)."""
 
     rows: dict[str, int] = field(default_factory=dict)  # written, by table
     skipped: int = 0  # malformed, or of an erased email
@@ -288,7 +288,7 @@ class TableWriter:
 
     def __init__(
         self, engine: Engine, erased: set[str], fast: bool | None = None,
-        result: Any = None, prefix: str | None = None,
+        result: WriteCounts | None = None, prefix: str | None = None,
     ) -> None:
         self.engine = engine
         self.erased = erased  # for the row builders; the fast path reads erased_emails

@@ -39,7 +39,7 @@ from typing import Any
 from opentrack import events
 from warehouse.engines import Engine
 from warehouse.erasure import erase_emails, erased_ids
-from warehouse.loader import TableWriter, erasure_of
+from warehouse.loader import TableWriter, WriteCounts, erasure_of
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,8 @@ class Span:
 
 
 @dataclass
-class ReloadResult:
+class ReloadResult(WriteCounts):
     read: int = 0
-    rows: dict[str, int] = field(default_factory=dict)  # written, by table
-    skipped: int = 0  # malformed, or of an erased email
-    fallback_batches: int = 0  # batches the fast path left to the row builders
     erasures_applied: int = 0
     changed_states: int = 0
     changed_rows: int = 0
