@@ -41,3 +41,39 @@ def topic_records(bootstrap: str, topic: str) -> list[ConsumerRecord]:
                 records.extend(batch)
     consumer.close()
     return records
+
+
+def table_entries(bootstrap: str, email_ids: Iterable[str]) -> dict[str, dict]:
+    """What the stream workers' table holds for some emails, from its changelog: for a
+    failure message that must say whether a lost load was parked, applied or never seen.
+    Each entry: the partition and offset of its newest change, whether the send is known,
+    and the event ids of its kept and parked loads."""
+    import json
+
+    wanted = {f'"{e}"'.encode(): e for e in email_ids}
+    entries: dict[str, dict] = {}
+    for record in topic_records(bootstrap, "opentrack-streams-emails-changelog"):
+        email_id = wanted.get(record.key or b"")
+        if email_id is None:
+            continue
+        value = json.loads(record.value) if record.value else {}
+        entries[email_id] = {
+            "partition": record.partition, "offset": record.offset,
+            "changes": entries.get(email_id, {}).get("changes", 0) + 1,
+            "send_known": value.get("sent_at") is not None, "erased": value.get("erased", False),
+            "loads": [row[1] for row in value.get("loads", [])],
+            "parked": [p["event_id"] for p in value.get("pending", [])],
+        }
+    return entries
+
+
+def load_stamps(bootstrap: str, email_ids: Iterable[str]) -> dict[str, list[int]]:
+    """The ``received_at`` the pixel gave each load of some emails, from ``opens.raw``: the
+    event times the stream workers judge by, for a truth computed on the same clock."""
+    wanted = set(email_ids)
+    stamps: dict[str, list[int]] = {}
+    for record in topic_records(bootstrap, "opens.raw"):
+        load = RawOpen.from_bytes(record.value)
+        if load.email_id in wanted:
+            stamps.setdefault(load.email_id, []).append(load.received_at)
+    return stamps
