@@ -26,3 +26,9 @@ REPLAY_RECLASSIFIED = Counter(
     "opentrack_replay_reclassified_total",
     "Known loads whose class a replay with the current rules changed",
 )
+WORKER_SKIPPED_OFFSETS = Counter(
+    "opentrack_worker_skipped_offsets_total",
+    "Offsets of an input partition the worker never received between two it did, within one "
+    "consumer generation (compaction of emails.sent makes some; anything else is a loss)",
+    ["topic"],
+)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import faust
 from faust.worker import Worker
@@ -42,6 +44,7 @@ from streams.metrics import (
     WORKER_EVENTS,
     WORKER_LOADS,
     WORKER_PROCESSING_SECONDS,
+    WORKER_SKIPPED_OFFSETS,
 )
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ def create_worker_app(
         stream_wait_empty=True,
     )
     ChangelogBarrier(app.producer)
+    FetchWithoutLoss(app)
     emails = app.Table(
         "emails", key_type=str, partitions=settings.partitions, default=None,
     )
@@ -99,9 +103,12 @@ def create_worker_app(
     states = _raw_topic(app, TOPIC_EMAIL_STATE)
     inbound = _raw_topic(app, TOPIC_SENDS, TOPIC_OPENS_RAW, TOPIC_OPENS_REPLAY)
 
+    watch = OffsetWatch(app)
+
     @app.agent(inbound)
     async def process(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            watch.see(event.message)
             key = event.key.decode() if event.key else ""
             topic = event.message.topic
             try:
@@ -186,6 +193,77 @@ async def _switches_known(switches: ProfileSwitches, at_ms: int, patience: float
     while switches.known_until < target and waited < patience:
         await asyncio.sleep(0.01)
         waited += 0.01
+
+
+class OffsetWatch:
+    """Says when an input partition's events reach the agent with offsets missing in between.
+
+    Within one consumer generation a partition is read in order, so a jump means events
+    the worker will never see while its offsets are committed past them (or, on the
+    compacted ``emails.sent``, compacted-away keys). Each generation's first offset per
+    partition is logged too: with the committed offsets, it shows where reading resumed."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+        self.last: dict[faust.types.TP, tuple[int, int]] = {}  # tp -> (generation, offset)
+
+    def see(self, message: faust.types.Message) -> None:
+        generation = self.app.consumer_generation_id
+        tp, offset = message.tp, message.offset
+        seen = self.last.get(tp)
+        if seen is None or seen[0] != generation:
+            log.info("generation %s: first event of %s-%s at offset %s",
+                     generation, tp.topic, tp.partition, offset)
+        elif offset > seen[1] + 1:
+            WORKER_SKIPPED_OFFSETS.labels(topic=tp.topic).inc(offset - seen[1] - 1)
+            log.error("generation %s: offsets %s to %s of %s-%s never reached the worker",
+                      generation, seen[1] + 1, offset - 1, tp.topic, tp.partition)
+        self.last[tp] = (generation, offset)
+
+
+class FetchWithoutLoss:
+    """Replaces the consumer's ``getmany`` with one that never drops a fetched record without
+    moving the partition back to it.
+
+    Faust's own throws away, without a seek, the rest of a fetched batch when the flow
+    stops or the generation changes, and every record of a partition that is not active at
+    that moment (while the table is restored after an assignment); Kafka's consumer has
+    moved past them all the same. It counts on the seek to committed offsets at the end of
+    the restore to read them again, and that seek skips a partition nobody has committed
+    yet: a worker that joined second started ``opens.raw`` partitions at offsets 9 to 148,
+    and those loads were lost (the two-worker scaling test). Here a record that cannot be
+    handed on sends its partition back to it, so it is fetched again when the partition is
+    active; what comes after it in the batch waits too, to keep the partition's order."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+        self.consumer = app.consumer
+        self.consumer.getmany = self.getmany  # type: ignore[method-assign]
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        consumer = self.consumer
+        records, active = await consumer._wait_next_records(timeout)  # type: ignore[attr-defined]
+        if records is None or consumer.should_stop:  # type: ignore[attr-defined]
+            return
+        generation = self.app.consumer_generation_id
+        held: dict[Any, int] = {}  # partition -> offset of its first record not handed on
+        for tp, record in consumer.scheduler.iterate(records):  # type: ignore[attr-defined]
+            if tp in held:
+                continue
+            if not (consumer.flow_active
+                    and self.app.consumer_generation_id == generation
+                    and (active is None or tp in active
+                         or tp in consumer._buffered_partitions)):  # type: ignore[attr-defined]
+                held[tp] = record.offset
+                continue
+            self.app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
+            yield tp, consumer._to_message(tp, record)  # type: ignore[attr-defined]
+        assigned = consumer.assignment()
+        for tp, offset in held.items():
+            if tp in assigned:  # else the next assignment starts it from its commit
+                log.info("fetched %s-%s from offset %s while it was not active: read again",
+                         tp.topic, tp.partition, offset)
+                await consumer.seek(tp, offset)
 
 
 class ChangelogBarrier:
