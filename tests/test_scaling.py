@@ -222,11 +222,6 @@ def query_chunks(engine: ServerEngine, sql: str, ids: list[str]) -> list[dict]:
     return rows
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, cause not found: in one fresh-clone CI run of two (and 0 of ~10 runs here) 179 "
-    "of 2,779 loads had no output although the workers' group had committed every input; "
-    "a second loss at the start-up rebalance besides the stuck commit fixed by "
-    "stream_wait_empty (issue 4 note)"))
 def test_two_workers_and_two_loaders_count_exactly(scaled_stack: ScaledStack) -> None:
     stack = scaled_stack
     settings = stack.settings
