@@ -263,7 +263,9 @@ class FetchWithoutLoss:
                 continue
             self.app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
             yield tp, consumer._to_message(tp, record)  # type: ignore[attr-defined]
-        if not held or not consumer.flow_active or self.app.consumer_generation_id != generation:
+        if not held:
+            return
+        if not consumer.flow_active or self.app.consumer_generation_id != generation:
             # A rebalance is under way: the next assignment starts every partition from its
             # commit (or its beginning), which includes what was held here. Seeking now could
             # skip records handed on but cleared from the agent's queue at the revocation.

@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 
 from opentrack.events import RawOpen
 from tests.test_backbone import CHROME, OUTLOOK, load
-from tests.topics import topic_records
+from tests.topics import CHANGELOG, topic_records
 
 
 def uid(prefix: str) -> str:
@@ -62,7 +62,7 @@ def test_bad_parameters_are_400(running_stack) -> None:
 def changelog_value(bootstrap: str, key: str) -> bytes | None:
     """The newest value of ``key`` in the worker's table changelog (None if never written)."""
     latest = None
-    for record in topic_records(bootstrap, "opentrack-streams-emails-changelog"):
+    for record in topic_records(bootstrap, CHANGELOG):
         if record.key and key.encode() in record.key:
             latest = record.value
     return latest

@@ -3,12 +3,15 @@ reading its topics."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from opentrack.events import RawOpen
+from opentrack.events import TOPIC_OPENS_RAW, RawOpen
+
+CHANGELOG = "opentrack-streams-emails-changelog"  # the stream workers' table, by email id
 
 
 def produce_loads(producer: KafkaProducer, loads: Iterable[RawOpen], attempts: int = 3) -> None:
@@ -48,11 +51,9 @@ def table_entries(bootstrap: str, email_ids: Iterable[str]) -> dict[str, dict]:
     failure message that must say whether a lost load was parked, applied or never seen.
     Each entry: the partition and offset of its newest change, whether the send is known,
     and the event ids of its kept and parked loads."""
-    import json
-
     wanted = {f'"{e}"'.encode(): e for e in email_ids}
     entries: dict[str, dict] = {}
-    for record in topic_records(bootstrap, "opentrack-streams-emails-changelog"):
+    for record in topic_records(bootstrap, CHANGELOG):
         email_id = wanted.get(record.key or b"")
         if email_id is None:
             continue
@@ -60,7 +61,7 @@ def table_entries(bootstrap: str, email_ids: Iterable[str]) -> dict[str, dict]:
         entries[email_id] = {
             "partition": record.partition, "offset": record.offset,
             "changes": entries.get(email_id, {}).get("changes", 0) + 1,
-            "send_known": value.get("sent_at") is not None, "erased": value.get("erased", False),
+            "send_known": value.get("sent_at") is not None,
             "loads": [row[1] for row in value.get("loads", [])],
             "parked": [p["event_id"] for p in value.get("pending", [])],
         }
@@ -72,7 +73,7 @@ def load_stamps(bootstrap: str, email_ids: Iterable[str]) -> dict[str, list[int]
     event times the stream workers judge by, for a truth computed on the same clock."""
     wanted = set(email_ids)
     stamps: dict[str, list[int]] = {}
-    for record in topic_records(bootstrap, "opens.raw"):
+    for record in topic_records(bootstrap, TOPIC_OPENS_RAW):
         load = RawOpen.from_bytes(record.value)
         if load.email_id in wanted:
             stamps.setdefault(load.email_id, []).append(load.received_at)
