@@ -213,9 +213,8 @@ def apply_load(
 ) -> Outcome:
     if record.erased:
         return Outcome(replay=True)
-    if record.has_seen(raw.event_id):
-        kept = [load for load in record.loads if load.event_id == raw.event_id]
-        return _said_again(record, kept)
+    if record.has_seen(raw.event_id):  # a redelivery: what it made may not be out yet
+        return _said_again(record, record.loads)
     if not record.send_known:
         if len(record.pending) < MAX_PENDING:
             record.pending.append(raw.to_dict())
@@ -261,10 +260,9 @@ def replay_load(
     again as they are (a warehouse backfill), which the warehouse de-duplicates."""
     load = next((kept for kept in record.loads if kept.event_id == raw.event_id), None)
     if load is None:
-        outcome = apply_load(record, raw, classify, window_ms, tracked)
-        if outcome.replay and emit and record.state is not None:
-            outcome = Outcome(state=record.state, replay=True)  # folded: only the state
-        return outcome
+        if record.has_seen(raw.event_id) and not record.erased:  # folded: only the state
+            return Outcome(state=record.state, replay=True)
+        return apply_load(record, raw, classify, window_ms, tracked)
     outcome = Outcome(replay=True)
     if reclassify:
         verdict = classify(raw, record.sent_at)
@@ -287,8 +285,12 @@ def _said_again(record: EmailRecord, loads: list[Load]) -> Outcome:
 
     A worker killed after its table's changelog was written but before its outputs were
     published would otherwise recognise the re-delivered event as a replay and never send
-    them: the warehouse would keep a stale state. The outputs carry the current revisions,
-    so the warehouse collapses the copies it already has.
+    them: the warehouse would keep a stale state. An event re-decides other loads too (a
+    late load makes a later one a repeat), and a later event may have changed the event's
+    own load since, so which loads it changed is not known here: every kept load is said
+    again (a SIGKILL left one load counted in the warehouse that the worker had made a
+    repeat). The outputs carry the current revisions, so the warehouse collapses the copies
+    it already has; this costs a redelivered event one row per kept load of its email.
     """
     if record.state is None:
         return Outcome(replay=True)

@@ -8,13 +8,14 @@ import os
 import random
 import shutil
 import signal
+import time
 import uuid
 
 from kafka import KafkaProducer
 
 from opentrack.events import RawOpen
 from opentrack.times import parse_time
-from opentrack.truth import expected_state
+from opentrack.truth import counted_verdicts, expected_state
 from streams.classify_adapter import classifier_from_settings
 from tests.topics import produce_loads, topic_records
 
@@ -127,3 +128,30 @@ def test_sigkill_mid_stream_recovers_exactly(running_stack) -> None:
             if k.endswith("_at"):
                 got[k] = parse_time(got[k], k) if got[k] else None
         assert got == {k: truth[k] for k in got}, email_id
+    assert_every_load_counted_as_in_truth(running_stack, loads, window_ms)
+
+
+def assert_every_load_counted_as_in_truth(running_stack, loads: list[RawOpen],
+                                          window_ms: int, timeout: float = 60) -> None:
+    """The loads' rows too, not only the states: a load another one re-decided must not stay
+    counted in the warehouse when its new verdict was lost with the killed worker."""
+    from warehouse.engines import RemoteEngine
+
+    engine = RemoteEngine(running_stack.settings.warehouse_socket)
+    by_email: dict[str, list[RawOpen]] = {}
+    for raw in loads:
+        by_email.setdefault(raw.email_id, []).append(raw)
+    truth = {}
+    for mine in by_email.values():
+        truth.update(counted_verdicts(mine, window_ms))
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = engine.query("SELECT event_id, counted FROM opens FINAL "
+                            "WHERE email_id IN %(ids)s", {"ids": tuple(by_email)})
+        got = {r["event_id"]: bool(r["counted"]) for r in rows}
+        wrong = sorted(e for e in truth if got.get(e) != truth[e])
+        if not wrong or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not wrong, f"{len(wrong)} loads with a wrong or missing row, e.g. " + ", ".join(
+        f"{e}: {got.get(e)} (truth {truth[e]})" for e in wrong[:5])

@@ -88,8 +88,18 @@ def test_replay_changes_nothing_and_says_again_what_it_made() -> None:
     assert record.to_dict() == before
     # the outputs a killed worker may not have published, as they are now (same revisions)
     assert outcome.replay
-    assert [o.event_id for o in outcome.opens] == ["a"]
-    assert outcome.opens[0].revision == record.loads[0].revision
+    assert [(o.event_id, o.revision) for o in outcome.opens] == [
+        (kept.event_id, kept.revision) for kept in record.loads]
+    assert outcome.state == record.state
+
+
+def test_a_redelivered_late_load_says_again_the_loads_it_re_decided() -> None:
+    # a, late, made b a repeat; a worker killed before publishing that sees a again and
+    # must say b's new verdict too, or the warehouse keeps b counted (found by a SIGKILL)
+    record, _ = process([send(), load("b", SENT + 70_000), load("a", SENT + 60_000)])
+    outcome = apply_load(record, load("a", SENT + 60_000), by_agent, WINDOW)
+    said = {o.event_id: (o.counted, o.revision) for o in outcome.opens}
+    assert said == {"a": (True, record.state.revision), "b": (False, record.state.revision)}
     assert outcome.state == record.state
 
 
