@@ -39,6 +39,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_any, wait_exponenti
 
 from opentrack import events
 from warehouse import facts
+from warehouse.assignment import AssignmentWatch
 from warehouse.engines import ChdbEngine, Engine
 from warehouse.erasure import erase_emails, erased_ids
 
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 LOADER_ROWS = Counter("opentrack_loader_rows_total", "Rows written by table", ["table"])
 LOADER_RETRIES = Counter("opentrack_loader_retries_total", "Batch inserts retried")
+LOADER_REJOINS = Counter(
+    "opentrack_loader_rejoins_total",
+    "Consumers replaced because no member of the group held a partition",
+)
 LOADER_SKIPPED = Counter(
     "opentrack_loader_skipped_total", "Malformed messages skipped, by topic", ["topic"]
 )
@@ -435,8 +440,7 @@ class Loader:
     def _consumer(self) -> Any:
         from kafka import KafkaConsumer
 
-        return KafkaConsumer(
-            *self.topics,
+        consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -451,6 +455,12 @@ class Loader:
             # warehouse that long, a few seconds bound the stall.
             metadata_max_age_ms=5000,
         )
+        # Known partitions before the first join, so that it assigns them (it otherwise often
+        # found no metadata at all and relied on a rejoin at the next refresh).
+        for topic in self.topics:
+            consumer.partitions_for_topic(topic)
+        consumer.subscribe(self.topics)
+        return consumer
 
     def _retry(self, write: Callable[[], Any]) -> bool:
         """Until it works; False only when asked to stop first (and nothing is committed)."""
@@ -513,11 +523,19 @@ class Loader:
         if not self._retry(lambda: self.erased.update(erased_ids(self.engine))):
             return
         consumer = self._consumer()
+        watch = AssignmentWatch(self.bootstrap, self.group_id)
         log.info("loader consuming %s", ", ".join(self.topics))
         try:
             while not self.stopping.is_set():
                 polled = consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records)
                 if not polled:
+                    if watch.stuck(consumer):
+                        log.warning("no partition assigned to this loader or any other in "
+                                    "group %s for %.0f s: joining it again with a new consumer",
+                                    self.group_id, watch.patience)
+                        LOADER_REJOINS.inc()
+                        consumer.close(autocommit=False)
+                        consumer = self._consumer()
                     continue
                 messages = [(tp.topic, rec.value) for tp, recs in polled.items() for rec in recs]
                 started = time.perf_counter()
