@@ -66,12 +66,14 @@ class Load:
     os_family: str
     device_family: str
     counted: bool = False
-    revision: int = 0
+    revision: int = 0  # of its newest verdict: the revision of the change that made it
+    applied: int = 0  # the revision its own arrival made (0: kept before this was stored)
 
     def to_list(self) -> list[Any]:
         return [
             self.received_at, self.event_id, self.fingerprint, self.load_class, self.reason,
             self.client_family, self.os_family, self.device_family, self.counted, self.revision,
+            self.applied,
         ]
 
     @property
@@ -214,7 +216,7 @@ def apply_load(
     if record.erased:
         return Outcome(replay=True)
     if record.has_seen(raw.event_id):  # a redelivery: what it made may not be out yet
-        return _said_again(record, record.loads)
+        return _said_again(record, _made_by(record, raw.event_id))
     if not record.send_known:
         if len(record.pending) < MAX_PENDING:
             record.pending.append(raw.to_dict())
@@ -235,7 +237,7 @@ def apply_load(
     changed = _decide_counted(record, window_ms)
     for load in changed:
         load.revision = revision
-    new.revision = revision
+    new.revision = new.applied = revision
     _fold_oldest(record)
     outcome = Outcome(opens=[load.processed(record.email_id) for load in changed])
     if new not in changed:
@@ -280,17 +282,27 @@ def replay_load(
     return outcome
 
 
+def _made_by(record: EmailRecord, event_id: str) -> list[Load]:
+    """The kept loads whose newest verdict a load's arrival made: the load itself and those
+    it re-decided (a late load makes a later one a repeat), unless a later event changed
+    them again, which then says them again itself when it is redelivered: every event after
+    an uncommitted one is uncommitted too (one email, one partition)."""
+    own = next((load for load in record.loads if load.event_id == event_id), None)
+    if own is None:  # folded out of the kept window: only the state
+        return []
+    if not own.applied:  # stored before loads kept the revision of their arrival
+        return [own]
+    return [load for load in record.loads if load is own or load.revision == own.applied]
+
+
 def _said_again(record: EmailRecord, loads: list[Load]) -> Outcome:
     """A replay changes nothing, but what the event made is emitted again as it is now.
 
     A worker killed after its table's changelog was written but before its outputs were
     published would otherwise recognise the re-delivered event as a replay and never send
-    them: the warehouse would keep a stale state. An event re-decides other loads too (a
-    late load makes a later one a repeat), and a later event may have changed the event's
-    own load since, so which loads it changed is not known here: every kept load is said
-    again (a SIGKILL left one load counted in the warehouse that the worker had made a
-    repeat). The outputs carry the current revisions, so the warehouse collapses the copies
-    it already has; this costs a redelivered event one row per kept load of its email.
+    them: the warehouse would keep a stale state, or a load counted that a late load had
+    made a repeat (seen after a SIGKILL). The outputs carry the current revisions, so the
+    warehouse collapses the copies it already has.
     """
     if record.state is None:
         return Outcome(replay=True)
