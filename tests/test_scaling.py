@@ -26,6 +26,7 @@ from opentrack.stack import Child
 from opentrack.topics import ensure_topics
 from opentrack.workload import generate
 from tests.conftest import API_KEY, SECRET
+from tests.test_streams_accuracy import query_chunks
 from tests.topics import load_stamps, table_entries, topic_records
 from warehouse.engines import ServerEngine
 from warehouse.schema import LATEST
@@ -34,7 +35,6 @@ PARTITIONS = 6
 EMAILS = 2500
 WINDOW_S, SCANNER_S = 5, 3  # short windows: each email's compressed clock stays short
 COUNTS = ("opened", "open_count", "raw_load_count")
-CHUNK = 2000
 
 
 @dataclass
@@ -213,13 +213,6 @@ def scrape(url: str, name: str) -> dict[str, float]:
         if match:
             samples[match.group(1) or ""] = float(match.group(2))
     return samples
-
-
-def query_chunks(engine: ServerEngine, sql: str, ids: list[str]) -> list[dict]:
-    rows = []
-    for i in range(0, len(ids), CHUNK):
-        rows += engine.query(sql, {"ids": tuple(ids[i:i + CHUNK])})
-    return rows
 
 
 def test_two_workers_and_two_loaders_count_exactly(scaled_stack: ScaledStack) -> None:
