@@ -78,10 +78,11 @@ def create_worker_app(
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_acks=-1,
-        # Outputs wait for this commit, so it bounds freshness: 1 s gave a p50 of 1,009 ms
-        # (bench/freshness.py, 300 loads), 0.25 s 260 ms; the worker bench's events/s did
-        # not move (1,273 and 1,321, one run each).
-        broker_commit_interval=0.25,
+        # Outputs wait for this commit, so it bounds freshness (bench/freshness.py, 500
+        # loads, p50 / p99): 0.25 s gave 294 / 528 and 299 / 556 ms, 0.1 s 240 / 340 ms (1 s
+        # gave a p50 of 1,009 ms). The worker bench did not notice (20k loads, 3 runs:
+        # median 1,111 events/s at 0.25 s, 1,341 at 0.1 s: noise).
+        broker_commit_interval=0.1,
         # Outputs are published when the offsets of the events that made them are committed,
         # and Faust waits for them first. Sending them as they are made, with the producer
         # flushed before each commit, should be as safe, but a worker restarted after a
