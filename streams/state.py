@@ -154,8 +154,11 @@ class EmailRecord:
     def send_known(self) -> bool:
         return self.sent_at is not None
 
+    def kept(self, event_id: str) -> Load | None:
+        return next((load for load in self.loads if load.event_id == event_id), None)
+
     def has_seen(self, event_id: str) -> bool:
-        if any(load.event_id == event_id for load in self.loads):
+        if self.kept(event_id) is not None:
             return True
         if any(p.get("event_id") == event_id for p in self.pending):
             return True
@@ -260,9 +263,9 @@ def replay_load(
     rebuild). Known: with ``reclassify``, the current rules decide its class again and the
     state changes only if the verdict does; with ``emit``, the load and the state are emitted
     again as they are (a warehouse backfill), which the warehouse de-duplicates."""
-    load = next((kept for kept in record.loads if kept.event_id == raw.event_id), None)
+    load = record.kept(raw.event_id)
     if load is None:
-        if record.has_seen(raw.event_id) and not record.erased:  # folded: only the state
+        if record.has_seen(raw.event_id):  # folded (or parked): only the state
             return Outcome(state=record.state, replay=True)
         return apply_load(record, raw, classify, window_ms, tracked)
     outcome = Outcome(replay=True)
@@ -287,7 +290,7 @@ def _made_by(record: EmailRecord, event_id: str) -> list[Load]:
     it re-decided (a late load makes a later one a repeat), unless a later event changed
     them again, which then says them again itself when it is redelivered: every event after
     an uncommitted one is uncommitted too (one email, one partition)."""
-    own = next((load for load in record.loads if load.event_id == event_id), None)
+    own = record.kept(event_id)
     if own is None:  # folded out of the kept window: only the state
         return []
     if not own.applied:  # stored before loads kept the revision of their arrival
