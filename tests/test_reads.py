@@ -105,3 +105,53 @@ def test_person_emails_newest_send_first_paged(warehouse_engine) -> None:
 def test_bad_cursors_are_refused(warehouse_engine, cursor) -> None:
     with pytest.raises(reads.BadCursor):
         reads.opened_folder(warehouse_engine, cursor=cursor)
+
+
+@pytest.mark.parametrize("rounds", ["index", "index then scan"])
+def test_folder_ranks_by_the_current_state_past_stale_index_entries(
+    warehouse_engine, profile, monkeypatch, rounds
+) -> None:
+    """States rewritten many times (reopened, lowered by a re-decided load, machine-only)
+    leave old entries in the folder index; pages walked in small rounds (and, in the second
+    case, finished by a scan of the states) give exactly the order of the current states."""
+    import random
+
+    monkeypatch.setattr(reads, "_FIRST_ROUND", 4)
+    monkeypatch.setattr(reads, "_LARGEST_ROUND", 16)
+    if rounds == "index then scan":
+        monkeypatch.setattr(reads, "_MOST_CANDIDATES", 24)
+    rnd = random.Random(7)
+    # a day of its own, a year or more before the other tests' opens
+    base = T0 - (400 + int(profile.split("-")[1], 16) % 100_000) * 24 * 60 * MIN
+    current: dict[str, tuple[str, int, int]] = {}
+    for i in range(45):
+        email_id = f"{profile}-s{i:02d}"
+        owner = profile if i % 3 else f"{profile}-other"
+        write(warehouse_engine, SendRegistered(email_id, owner, "candidate", "c", "t", "s",
+                                               base, registered_at=base))
+        for revision in range(1, rnd.randint(1, 5) + 1):
+            last = base + rnd.randint(1, 300) * MIN
+            human = rnd.choice([0, last, last - MIN])
+            write(warehouse_engine, EmailState(email_id, True, revision, int(human > 0), 0,
+                                               revision, base + MIN, last, human or None,
+                                               revision=revision))
+            current[email_id] = (owner, last, human)
+
+    def walk(**filters) -> list[str]:
+        got, cursor = [], None
+        while True:
+            page = reads.opened_folder(warehouse_engine, limit=4, cursor=cursor, **filters)
+            got += ids(page)
+            if page.next_cursor is None:
+                return got
+            cursor = page.next_cursor
+
+    def expected(human_only: bool, owner: str | None) -> list[str]:
+        ranked = [(state[2] if human_only else state[1], email_id)
+                  for email_id, state in current.items() if owner in (None, state[0])]
+        return [email_id for t, email_id in sorted(ranked, reverse=True) if t > 0]
+
+    for human_only in (True, False):
+        assert walk(profile_id=profile, human_only=human_only) == expected(human_only, profile)
+        assert walk(since=base, until=base + 301 * MIN, human_only=human_only) == expected(
+            human_only, None)

@@ -3,7 +3,8 @@
 A warehouse with data at version 3 is rebuilt table by table (ClickHouse cannot change a
 table's index_granularity): every row and every read answer must stay the same, the
 materialized view must feed the rebuilt sends_by_person, and a crash at any step must be
-repaired by the next ``migrate()``.
+repaired by the next ``migrate()``. Migration 5 then fills the folder index from the
+states: the migrated warehouse answers as one made at the latest version with the same data.
 """
 
 from __future__ import annotations
@@ -139,15 +140,29 @@ def engine_clauses(engine: Engine) -> dict[str, str]:
         "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()")}
 
 
+LATER_TABLES = ("folder_index", "folder_index_mv")  # made by migration 5
+
+
+def structure_before_5(engine: Engine) -> dict[str, Any]:
+    found = structure(engine)
+    return {"columns": {t: c for t, c in found["columns"].items() if t not in LATER_TABLES},
+            "tables": [t for t in found["tables"] if t["name"] not in LATER_TABLES]}
+
+
 @pytest.fixture
 def v3(warehouse_engine) -> Iterator[tuple[Engine, dict[str, Any], dict[str, Any]]]:
-    """A fresh warehouse at version 3 with data; its answers and structure before 4."""
+    """A fresh warehouse at version 3 with data, its structure, and the answers of a
+    warehouse made at the latest version with the same data (today's reads need the folder
+    index of migration 5)."""
+    tag = new_tag("m4")
+    with fresh_database(warehouse_engine) as reference:
+        migrate(reference)
+        expected = answers(reference, fill(reference, tag))
+    assert len(expected["states"]) == 24 and len(expected["folder"]) == 18
     with fresh_database(warehouse_engine) as engine:
         assert migrate(engine, upto=3) == [1, 2, 3]
-        data = fill(engine, new_tag("m4"))
-        before = answers(engine, data)
-        assert len(before["states"]) == 24 and len(before["folder"]) == 18
-        yield engine, data, {"answers": before, "structure": structure(engine)}
+        data = fill(engine, tag)
+        yield engine, data, {"answers": expected, "structure": structure_before_5(engine)}
 
 
 def assert_migrated(engine: Engine, data: dict[str, Any], before: dict[str, Any]) -> None:
@@ -162,7 +177,7 @@ def assert_migrated(engine: Engine, data: dict[str, Any], before: dict[str, Any]
         for name, value in blocks.items():
             assert (f"{name} = {value}" in clauses[table]) == (table in SMALL_BLOCK_TABLES)
     assert "index_granularity = 8192" in clauses["email_facts"]
-    assert structure(engine) == before["structure"]
+    assert structure_before_5(engine) == before["structure"]
     assert answers(engine, data) == before["answers"]
     assert engine.query("SELECT max(version) AS v FROM schema_migrations")[0]["v"] == LATEST
     assert migrate(engine) == []  # a second run is a no-op
@@ -177,13 +192,19 @@ def assert_migrated(engine: Engine, data: dict[str, Any], before: dict[str, Any]
     assert [item["email_id"] for item in newest] == [late.email_id]
     assert engine.query("SELECT count() AS n FROM sends_by_person WHERE email_id = %(e)s",
                         {"e": late.email_id})[0]["n"] == 1
+    # and the folder index's view sees the new states
+    opened_at = T0 + 1000 * MIN
+    write(engine, EmailState(late.email_id, True, 1, 1, 0, 1, opened_at, opened_at, opened_at,
+                             revision=1, first_human_opened_at=opened_at))
+    first = reads.opened_folder(engine, limit=1).items
+    assert [item["email_id"] for item in first] == [late.email_id]
 
 
 def test_migration_4_keeps_rows_and_answers(v3) -> None:
     engine, data, before = v3
     clauses = engine_clauses(engine)
     assert all("index_granularity = 8192" in clauses[t] for t in SMALL_GRANULE_TABLES)
-    assert migrate(engine) == [4]
+    assert migrate(engine) == [4, 5]
     assert_migrated(engine, data, before)
 
 
@@ -217,5 +238,5 @@ def _between_the_renames(engine: Engine) -> None:
 def test_migration_4_after_a_crash(v3, crash: Callable[[Engine], Any]) -> None:
     engine, data, before = v3
     crash(engine)
-    assert migrate(engine) == [4]
+    assert migrate(engine) == [4, 5]
     assert_migrated(engine, data, before)

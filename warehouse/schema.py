@@ -175,6 +175,27 @@ def _drop_replaced(engine: Engine) -> None:
             engine.execute(f"DROP TABLE IF EXISTS {new}")
 
 
+# The Opened folder's order: every value an email's last open (any, or human) took, sorted by
+# time, so that a page reads the newest entries of a small sorted table instead of scanning
+# every state. Entries are never removed when an email is opened again (the old time stays
+# behind): a read keeps an entry only while it equals the email's current state
+# (``warehouse.reads.opened_folder``). Filled by a view on every insert into email_state,
+# whichever writer makes it (loader, reload, migrations).
+_FOLDER_INDEX = f"""CREATE TABLE IF NOT EXISTS folder_index (
+        human UInt8, t Int64, email_id String
+    ) ENGINE = ReplacingMergeTree ORDER BY (human, t, email_id)
+    SETTINGS index_granularity = {SMALL_GRANULES}"""
+_FOLDER_ENTRIES = """SELECT human, t, email_id FROM {source}
+    ARRAY JOIN [0, 1] AS human, [last_opened_at, last_human_opened_at] AS t
+    WHERE t > 0"""
+_FOLDER_INDEX_MV = ("CREATE MATERIALIZED VIEW IF NOT EXISTS folder_index_mv TO folder_index AS "
+                    + _FOLDER_ENTRIES.format(source="email_state"))
+# The states written before the view: made after it, so that none written in between is
+# missed (a rerun writes entries again, which the table collapses).
+_FILL_FOLDER_INDEX = "INSERT INTO folder_index " + _FOLDER_ENTRIES.format(
+    source="(SELECT email_id, last_opened_at, last_human_opened_at FROM email_state FINAL)")
+
+
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "sends, opens, email state, engagement", [
         """CREATE TABLE IF NOT EXISTS sends (
@@ -221,6 +242,11 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         _copy_with_small_granules,
         _swap_in_small_granules,
         _drop_replaced,
+    ]),
+    (5, "folder_index: the Opened folder's emails sorted by their last open", [
+        _FOLDER_INDEX,
+        _FOLDER_INDEX_MV,
+        _FILL_FOLDER_INDEX,
     ]),
 ]
 

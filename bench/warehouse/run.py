@@ -22,7 +22,6 @@ medians and the CPU time this process spent (chDB runs in-process) are what to c
     .venv/bin/python bench/warehouse/run.py                 # 1M emails, 10M opens
     .venv/bin/python bench/warehouse/run.py --quick         # 50k emails, 500k opens
     .venv/bin/python bench/warehouse/run.py --data-dir /tmp/wh   # keep it; reuse when full
-    .venv/bin/python bench/warehouse/run.py --small-granules     # schema 3, then migration 4
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import hashlib
 import inspect
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -60,13 +60,7 @@ from opentrack.events import (  # noqa: E402
 from warehouse import reads  # noqa: E402
 from warehouse.engines import ChdbEngine, Engine, RemoteEngine  # noqa: E402
 from warehouse.loader import SINKS, Loader, rows_by_table  # noqa: E402
-from warehouse.schema import (  # noqa: E402
-    SMALL_BLOCK_TABLES,
-    SMALL_BLOCKS,
-    SMALL_GRANULE_TABLES,
-    SMALL_GRANULES,
-    migrate,
-)
+from warehouse.schema import migrate  # noqa: E402
 from warehouse.service import QueryServer  # noqa: E402
 
 SECOND_MS = 1_000
@@ -321,14 +315,22 @@ def raw_insert(engine: Engine, table: str, values: list[bytes]) -> None:
                    "FORMAT JSONEachRow\n" + b"\n".join(values).decode())
 
 
+# The warehouse's materialized views: (source, target) tables. The bulk tables get the same.
+VIEWS = {"sends_by_person_mv": ("sends", "sends_by_person"),
+         "folder_index_mv": ("email_state", "folder_index")}
+
+
 def create_bulk_tables(engine: Engine) -> None:
-    """Same-shaped tables, and the same materialized view, for the bulk inserts."""
-    for table in (*TABLE_COLUMNS, "sends_by_person"):
+    """Same-shaped tables, and the same materialized views, for the bulk inserts."""
+    for table in (*TABLE_COLUMNS, *(target for _, target in VIEWS.values())):
         engine.execute(f"CREATE TABLE IF NOT EXISTS bulk_{table} AS {table}")
-    view = engine.query("SELECT as_select FROM system.tables WHERE database = "
-                        "currentDatabase() AND name = 'sends_by_person_mv'")[0]["as_select"]
-    engine.execute("CREATE MATERIALIZED VIEW IF NOT EXISTS bulk_sends_by_person_mv TO "
-                   f"bulk_sends_by_person AS {view.rsplit(' FROM ', 1)[0]} FROM bulk_sends")
+    for view, (source, target) in VIEWS.items():
+        select = engine.query("SELECT as_select FROM system.tables WHERE database = "
+                              "currentDatabase() AND name = %(view)s",
+                              {"view": view})[0]["as_select"]
+        select = re.sub(rf"\bFROM (\w+\.)?{source}\b", f"FROM bulk_{source}", select)
+        engine.execute(f"CREATE MATERIALIZED VIEW IF NOT EXISTS bulk_{view} TO "
+                       f"bulk_{target} AS {select}")
 
 
 def compare_with_bulk(engine: Engine, live: Loader, messages: list[tuple[str, bytes]],
@@ -354,7 +356,7 @@ def compare_with_bulk(engine: Engine, live: Loader, messages: list[tuple[str, by
     with Clock() as raw:
         for table, values in by_table.items():
             raw_insert(engine, table, values)
-    for table in (*TABLE_COLUMNS, "sends_by_person"):
+    for table in (*TABLE_COLUMNS, *(target for _, target in VIEWS.values())):
         engine.execute(f"TRUNCATE TABLE bulk_{table}")
     times.add_rate("loader", rows, loader)
     times.add_rate("bulk", rows, bulk)
@@ -385,7 +387,7 @@ def fill(engine: Engine, shape: Shape, chunk_emails: int, bulk_every: int) -> Wr
             loader=f"{times.rows / times.insert.wall:,.0f} rows/s")
     progress.close()
     live.close()
-    for table in ("sends_by_person_mv", *TABLE_COLUMNS, "sends_by_person"):
+    for table in (*VIEWS, *TABLE_COLUMNS, *(target for _, target in VIEWS.values())):
         engine.execute(f"DROP TABLE IF EXISTS bulk_{table}")
     c = traffic.counts
     print(f"generated {c.emails:,} emails ({c.opened / max(1, c.emails):.0%} opened, "
@@ -557,17 +559,6 @@ def measure_reads(engine: Engine, remote: Engine, sample: Sample, rounds: int, q
         print(timing.line(), flush=True)
 
 
-def apply_migration_4(engine: Engine) -> None:
-    """Migration 4 on the filled warehouse: the tables read by key rebuilt with small
-    granules (``warehouse.schema.SMALL_GRANULES`` rows), swapped in under the same names."""
-    began = time.perf_counter()
-    applied = migrate(engine)
-    blocks = ", ".join(f"{k} = {v}" for k, v in SMALL_BLOCKS.items())
-    print(f"\nmigration {applied} ({', '.join(SMALL_GRANULE_TABLES)} with index_granularity "
-          f"{SMALL_GRANULES}; {', '.join(SMALL_BLOCK_TABLES)} also {blocks}) took "
-          f"{time.perf_counter() - began:.0f} s")
-
-
 def describe(engine: Engine) -> None:
     rows = engine.query(
         """SELECT table, sum(rows) AS rows, count() AS parts FROM system.parts
@@ -596,10 +587,6 @@ def main() -> None:
                         help="compare a chunk with a bulk insert every N chunks (8)")
     parser.add_argument("--optimize", action="store_true",
                         help="also time the reads after OPTIMIZE TABLE ... FINAL")
-    parser.add_argument("--small-granules", action="store_true",
-                        help="fill (or reuse) the warehouse at schema version 3, then also "
-                        "time the reads after migration 4 (small granules), both after "
-                        "OPTIMIZE to compare like with like; it migrates the warehouse")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the warehouse here, and reuse it when already filled")
@@ -611,9 +598,11 @@ def main() -> None:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="opentrack-bench-warehouse-"))
     engine = ChdbEngine(data_dir)
     try:
-        migrate(engine, upto=3 if args.small_granules else None)
+        began = time.perf_counter()
+        applied = migrate(engine)
         version = engine.query("SELECT max(version) AS v FROM schema_migrations")[0]["v"]
-        print(f"warehouse: {data_dir} (chDB), schema version {version}")
+        print(f"warehouse: {data_dir} (chDB), schema version {version} (migrations {applied} "
+              f"took {time.perf_counter() - began:.1f} s)")
         have = engine.query("SELECT count() AS n FROM sends")[0]["n"]
         if have:
             print(f"reusing it: {have:,} sends (no write figures)")
@@ -628,18 +617,10 @@ def main() -> None:
             print("\nreads as loaded:")
             measure_reads(engine, remote, sample, args.rounds, args.queries, args.deep_page,
                           args.seed)
-            if args.optimize or args.small_granules:
-                for table in (*TABLE_COLUMNS, "sends_by_person"):
+            if args.optimize:
+                for table in (*TABLE_COLUMNS, *(target for _, target in VIEWS.values())):
                     engine.execute(f"OPTIMIZE TABLE {table} FINAL")
                 print("\nreads after OPTIMIZE TABLE ... FINAL:")
-                describe(engine)
-                measure_reads(engine, remote, sample, args.rounds, args.queries,
-                              args.deep_page, args.seed)
-            if args.small_granules:
-                apply_migration_4(engine)
-                for table in (*TABLE_COLUMNS, "sends_by_person"):
-                    engine.execute(f"OPTIMIZE TABLE {table} FINAL")
-                print("\nreads after migration 4 and OPTIMIZE TABLE ... FINAL:")
                 describe(engine)
                 measure_reads(engine, remote, sample, args.rounds, args.queries,
                               args.deep_page, args.seed)
