@@ -78,6 +78,9 @@ class Settings:
     rules_path: Path | None = None
     # where a worker's or loader's Prometheus metrics are served (the web has /metrics)
     metrics_listen: tuple[str, int] | None = None
+    # a worker whose agent takes no event for this long while events wait exits (to be
+    # restarted): Faust only logs such a stall
+    worker_stall_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -107,6 +110,8 @@ class Settings:
             rules_path=Path(env["OPENTRACK_RULES"]) if env.get("OPENTRACK_RULES") else None,
             metrics_listen=_host_port(env["OPENTRACK_METRICS_LISTEN"], "OPENTRACK_METRICS_LISTEN")
             if env.get("OPENTRACK_METRICS_LISTEN") else None,
+            worker_stall_seconds=_number(env, "OPENTRACK_WORKER_STALL_SECONDS", 300.0,
+                                         minimum=10),
         )
 
     @property

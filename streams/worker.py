@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +109,13 @@ def create_worker_app(
     inbound = _raw_topic(app, TOPIC_SENDS, TOPIC_OPENS_RAW, TOPIC_OPENS_REPLAY)
 
     watch = OffsetWatch(app)
+    stall = StallWatch(app, watch, settings.worker_stall_seconds)
 
     @app.agent(inbound)
     async def process(stream: faust.StreamT) -> None:
         async for event in stream.events():
             watch.see(event.message)
+            stall.see()
             key = event.key.decode() if event.key else ""
             topic = event.message.topic
             try:
@@ -177,6 +180,10 @@ def create_worker_app(
                 lag = max(0, highwater - position)
                 WORKER_CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
+    @app.timer(10.0)
+    async def check_stall() -> None:
+        await stall.check()
+
     return app
 
 
@@ -223,6 +230,76 @@ class OffsetWatch:
             log.error("generation %s: offsets %s to %s of %s-%s never reached the worker",
                       generation, seen[1] + 1, offset - 1, tp.topic, tp.partition)
         self.last[tp] = (generation, offset)
+
+
+STALLED_EXIT = 75  # EX_TEMPFAIL: restart me
+
+
+def _exit_now(code: int) -> None:
+    """Out at once: a hung agent can hang Faust's graceful stop too."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def is_stalled(idle: float, waiting: int, busy: bool, patience: float) -> bool:
+    """Events wait in Kafka, the agent has taken none for ``patience`` seconds, and no
+    rebalance or table recovery (while which taking none is expected) is under way."""
+    return waiting > 0 and not busy and idle >= patience
+
+
+class StallWatch:
+    """Exits the worker when its agent has stopped taking the events waiting for it.
+
+    Seen once in CI (under a variant since reverted): Faust logged "Stream stopped
+    processing" for 6.6 minutes while the test's loads waited, and did nothing else; the
+    worker was alive, so nothing restarted it. Exiting hands the partitions to the other
+    workers, and the worker is restarted (``opentrack run``; compose's restart policy),
+    recovers its table from the changelog and processes again what was not committed, which
+    the table recognises (at-least-once, as after a SIGKILL). Kafka itself away for longer
+    than ``patience`` with events fetched-pending also ends here: the restarts then wait for
+    the broker as a first start does."""
+
+    def __init__(
+        self, app: faust.App, offsets: OffsetWatch, patience: float,
+        exit: Callable[[int], Any] = _exit_now,
+    ) -> None:
+        self.app, self.offsets, self.patience, self.exit = app, offsets, patience, exit
+        self.last_taken = time.monotonic()
+
+    def see(self) -> None:
+        self.last_taken = time.monotonic()
+
+    async def waiting(self) -> int:
+        """Events in Kafka after the last one the agent took, over our partitions."""
+        generation = self.app.consumer_generation_id
+        total = 0
+        for tp in self.app.consumer.assignment():
+            try:
+                highwater = self.app.consumer.highwater(tp)
+                seen = self.offsets.last.get(tp)
+                if seen is not None and seen[0] == generation:
+                    following = seen[1] + 1
+                else:  # nothing taken in this generation yet: from where it reads
+                    following = await self.app.consumer.position(tp)
+            except Exception:  # noqa: BLE001 - between assignments: look again later
+                continue
+            if highwater is not None and following is not None:
+                total += max(0, highwater - following)
+        return total
+
+    async def check(self) -> None:
+        now = time.monotonic()
+        busy = bool(self.app.rebalancing or getattr(self.app, "in_recovery", False))
+        if busy:  # a recovery's time is not the agent's
+            self.last_taken = now
+        idle = now - self.last_taken
+        if idle < self.patience:
+            return
+        waiting = await self.waiting()
+        if is_stalled(idle, waiting, busy, self.patience):
+            log.critical("the agent has taken no event for %.0f s while %d wait: exiting "
+                         "with %d so that the worker is restarted", idle, waiting, STALLED_EXIT)
+            self.exit(STALLED_EXIT)
 
 
 class FetchWithoutLoss:
