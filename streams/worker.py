@@ -106,10 +106,11 @@ def create_worker_app(
     )
     processed = _raw_topic(app, TOPIC_OPENS_PROCESSED)
     states = _raw_topic(app, TOPIC_EMAIL_STATE)
-    inbound = _raw_topic(app, TOPIC_SENDS, TOPIC_OPENS_RAW, TOPIC_OPENS_REPLAY)
+    inbound_topics = (TOPIC_SENDS, TOPIC_OPENS_RAW, TOPIC_OPENS_REPLAY)
+    inbound = _raw_topic(app, *inbound_topics)
 
     watch = OffsetWatch(app)
-    stall = StallWatch(app, watch, settings.worker_stall_seconds)
+    stall = StallWatch(app, watch, settings.worker_stall_seconds, inbound_topics)
 
     @app.agent(inbound)
     async def process(stream: faust.StreamT) -> None:
@@ -171,6 +172,8 @@ def create_worker_app(
         # Both ends are unknown for a while after an assignment; a metric must never crash
         # the worker (it did: Faust stops the app when a timer raises).
         for tp in app.consumer.assignment():
+            if tp.topic not in inbound_topics:  # the table's changelog is read only to recover
+                continue
             try:
                 position = await app.consumer.position(tp)
                 highwater = app.consumer.highwater(tp)
@@ -260,20 +263,25 @@ class StallWatch:
     the broker as a first start does."""
 
     def __init__(
-        self, app: faust.App, offsets: OffsetWatch, patience: float,
+        self, app: faust.App, offsets: OffsetWatch, patience: float, topics: tuple[str, ...],
         exit: Callable[[int], Any] = _exit_now,
     ) -> None:
         self.app, self.offsets, self.patience, self.exit = app, offsets, patience, exit
+        self.topics = topics
         self.last_taken = time.monotonic()
 
     def see(self) -> None:
         self.last_taken = time.monotonic()
 
     async def waiting(self) -> int:
-        """Events in Kafka after the last one the agent took, over our partitions."""
+        """Events in Kafka after the last one the agent took, over our partitions of its
+        topics. Not the table's changelog, also assigned: the worker itself writes it, and
+        reads it only to recover (a first version counted it, and exited an idle worker)."""
         generation = self.app.consumer_generation_id
         total = 0
         for tp in self.app.consumer.assignment():
+            if tp.topic not in self.topics:
+                continue
             try:
                 highwater = self.app.consumer.highwater(tp)
                 seen = self.offsets.last.get(tp)

@@ -29,6 +29,9 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafk
     broker.stop()
 
 
+STALL_SECONDS = 45
+
+
 def stack_env(data_dir: Path, bootstrap: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENTRACK_")}
     env.update({
@@ -38,6 +41,9 @@ def stack_env(data_dir: Path, bootstrap: str, **extra: str) -> dict[str, str]:
         "OPENTRACK_API_KEY": API_KEY,
         "OPENTRACK_SECRET": SECRET,
         "OPENTRACK_LOG_LEVEL": "WARNING",
+        # shorter than the default 300 s, so that a worker wrongly taken for stalled exits
+        # within the suite (the tests restart no one: the next test fails)
+        "OPENTRACK_WORKER_STALL_SECONDS": str(STALL_SECONDS),
         **extra,
     })
     return env
