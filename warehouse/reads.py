@@ -308,7 +308,13 @@ def opened_folder(
             """,
             {**params, "opened_since": opened_since},
         )
-    rows = sorted(unchanged + reopened, key=lambda r: (r["t"], r["email_id"]), reverse=True)
+    # an email opened again between the two reads is in both: listed once, at its first place
+    rows: list[dict[str, Any]] = []
+    listed: set[str] = set()
+    for row in sorted(unchanged + reopened, key=lambda r: (r["t"], r["email_id"]), reverse=True):
+        if row["email_id"] not in listed:
+            listed.add(row["email_id"])
+            rows.append(row)
     return _page(engine, rows[:limit], limit, lambda last: {
         "t": last["t"], "id": last["email_id"], "as_of": as_of}, states)
 
