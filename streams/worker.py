@@ -171,9 +171,7 @@ def create_worker_app(
     async def measure_lag() -> None:
         # Both ends are unknown for a while after an assignment; a metric must never crash
         # the worker (it did: Faust stops the app when a timer raises).
-        for tp in app.consumer.assignment():
-            if tp.topic not in inbound_topics:  # the table's changelog is read only to recover
-                continue
+        for tp in stall.partitions():
             try:
                 position = await app.consumer.position(tp)
                 highwater = app.consumer.highwater(tp)
@@ -273,15 +271,17 @@ class StallWatch:
     def see(self) -> None:
         self.last_taken = time.monotonic()
 
+    def partitions(self) -> list[faust.types.TP]:
+        """Our partitions of the agent's topics. Not the table's changelog, also assigned:
+        the worker itself writes it, and reads it only to recover."""
+        return [tp for tp in self.app.consumer.assignment() if tp.topic in self.topics]
+
     async def waiting(self) -> int:
-        """Events in Kafka after the last one the agent took, over our partitions of its
-        topics. Not the table's changelog, also assigned: the worker itself writes it, and
-        reads it only to recover (a first version counted it, and exited an idle worker)."""
+        """Events in Kafka after the last one the agent took, over ``partitions()`` (a
+        first version counted the changelog too, and exited an idle worker)."""
         generation = self.app.consumer_generation_id
         total = 0
-        for tp in self.app.consumer.assignment():
-            if tp.topic not in self.topics:
-                continue
+        for tp in self.partitions():
             try:
                 highwater = self.app.consumer.highwater(tp)
                 seen = self.offsets.last.get(tp)

@@ -79,17 +79,17 @@ def _present(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def emails(
-    engine: Engine, email_ids: Iterable[str], states: dict[str, dict[str, Any]] | None = None,
+    engine: Engine, email_ids: Iterable[str], known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Registered emails among ``email_ids`` with their state, keyed by id (the states of
-    ``states`` as given, read already by the caller)."""
+    """Registered emails among ``email_ids`` with their state, keyed by id (the states in
+    ``known`` as given, read already by the caller)."""
     ids = tuple(email_ids)
     sends = engine.query(_SENDS_SQL, {"ids": ids}) if ids else []
     if not sends:  # an unknown email costs one lookup
         return {}
     found = {"ids": tuple(send["email_id"] for send in sends)}
-    states = {i: {c: states[i][c] for c in _STATE_COLUMNS} for i in found["ids"]
-              if i in (states or {})}
+    known = known or {}
+    states = {i: {c: known[i][c] for c in _STATE_COLUMNS} for i in found["ids"] if i in known}
     unread = {"ids": tuple(i for i in found["ids"] if i not in states)}
     if unread["ids"]:
         states.update((r.pop("email_id"), r) for r in engine.query(_STATES_SQL, unread))
@@ -166,7 +166,7 @@ _MOST_CANDIDATES = 20_000
 
 
 def _ranked_by_state(
-    engine: Engine, human_only: bool, params: dict[str, Any], conditions: list[str],
+    engine: Engine, column: str, params: dict[str, Any], conditions: list[str],
     profile_id: str | None, limit: int, states: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The first ``limit`` emails, newest first, whose state has not changed since the
@@ -177,7 +177,6 @@ def _ranked_by_state(
     or the index ends: a round costs a read of the index's newest granules below the
     bound and a lookup of its candidates' states (and sends, for a profile) by key. After
     ``_MOST_CANDIDATES`` the rest of the page comes from a scan of the states."""
-    column = "last_human_opened_at" if human_only else "last_opened_at"
     found: list[dict[str, Any]] = []
     seen: set[str] = set()
     bound: tuple[int, str] | None = None
@@ -188,7 +187,7 @@ def _ranked_by_state(
             return found + _scanned_by_state(engine, column, params, conditions, profile_id,
                                              limit - len(found), bound)
         where = list(conditions)
-        round_params = {**params, "human": int(human_only), "k": k,
+        round_params = {**params, "k": k,
                         "bound_t": min(params["as_of"], params.get("after_t", params["as_of"]))}
         if bound:
             where.append("(t, email_id) < (%(round_t)s, %(round_id)s)")
@@ -277,8 +276,7 @@ def opened_folder(
         conditions.append("t < %(until)s")
         params["until"] = until
     states: dict[str, dict[str, Any]] = {}
-    unchanged = _ranked_by_state(engine, human_only, params, conditions, profile_id, limit,
-                                 states)
+    unchanged = _ranked_by_state(engine, column, params, conditions, profile_id, limit, states)
     # Opened since the snapshot: their state is newer than it, so the index has an entry
     # newer than it too (a read of its newest part), and the states confirm.
     opened_since = tuple(r["email_id"] for r in engine.query(
