@@ -51,6 +51,18 @@ def wait_assigned(consumer: KafkaConsumer, timeout: float = 30) -> None:
         consumer.poll(timeout_ms=200)
 
 
+def wait_topic_known(bootstrap: str, topic: str, timeout: float = 30) -> None:
+    """A group joined before the new topic's metadata reached the broker's cache gets an
+    empty assignment (the range assignor logs "No partition metadata"): wait for it first."""
+    probe = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        deadline = time.monotonic() + timeout
+        while not probe.partitions_for_topic(topic) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        probe.close()
+
+
 @pytest.mark.timeout(120)
 def test_a_second_consumer_without_partitions_is_not_stuck_on_a_real_broker(
     kafka_broker: Any,
@@ -61,6 +73,7 @@ def test_a_second_consumer_without_partitions_is_not_stuck_on_a_real_broker(
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
     admin.create_topics([NewTopic(topic, 1, 1)])
     admin.close()
+    wait_topic_known(kafka_broker.bootstrap, topic)
     consumers = [KafkaConsumer(topic, bootstrap_servers=kafka_broker.bootstrap,
                                group_id=group_id) for _ in range(2)]
     try:
@@ -71,7 +84,8 @@ def test_a_second_consumer_without_partitions_is_not_stuck_on_a_real_broker(
                 c.poll(timeout_ms=100)
             ids = {c._coordinator._generation.member_id for c in consumers}
             described = AssignmentWatch(kafka_broker.bootstrap, group_id)._describe()
-            if described and {m["member_id"] for m in described["members"]} == ids:
+            joined = described and {m["member_id"] for m in described["members"]} == ids
+            if joined and any(c.assignment() for c in consumers):
                 break
         holder = next(c for c in consumers if c.assignment())
         idle = next(c for c in consumers if not c.assignment())
