@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from opentrack.events import EmailState, ProcessedOpen, SendRegistered, now_ms
+from opentrack.events import EmailState, Engagement, ProcessedOpen, SendRegistered, now_ms
 from warehouse import reads
 from warehouse.loader import rows_by_table, write_batch
 
@@ -155,3 +155,53 @@ def test_folder_ranks_by_the_current_state_past_stale_index_entries(
         assert walk(profile_id=profile, human_only=human_only) == expected(human_only, profile)
         assert walk(since=base, until=base + 301 * MIN, human_only=human_only) == expected(
             human_only, None)
+
+
+def test_email_lookup_reads_what_final_keeps(warehouse_engine, profile) -> None:
+    """Versions written out of order, in separate parts: the lookup of one email and of
+    several answers with the newest send and state and distinct engagement, as FINAL does."""
+    a, b, never = f"{profile}-a", f"{profile}-b", f"{profile}-never"
+    send = {"profile_id": profile, "person_type": "contact", "person_id": "p1",
+            "template_id": "t1", "sent_at": T0, "sequence_id": "seq", "sequence_step": 2}
+    write(warehouse_engine, SendRegistered(a, subject="new", registered_at=T0 + 5, **send))
+    write(warehouse_engine, SendRegistered(a, subject="old", registered_at=T0 + 1, **send))
+    write(warehouse_engine, SendRegistered(b, subject="b", registered_at=T0, tracking=False,
+                                           **send))
+    write(warehouse_engine, SendRegistered(never, subject="n", registered_at=T0, **send))
+    for revision in (3, 1, 2):  # the newest first
+        write(warehouse_engine, EmailState(a, True, revision, revision, 0, revision + 1,
+                                           T0 + MIN, T0 + revision * MIN, T0 + revision * MIN,
+                                           revision=revision))
+    write(warehouse_engine, EmailState(b, True, 1, 0, 1, 1, T0, T0, None, revision=1))
+    for event in [Engagement("r1", a, "reply", T0), Engagement("r1", a, "reply", T0),
+                  Engagement("r2", a, "reply", T0 + 1), Engagement("u1", b, "unsubscribe", T0)]:
+        write(warehouse_engine, event)
+
+    def final(table: str, email_id: str) -> list[dict]:
+        return warehouse_engine.query(f"SELECT * FROM {table} FINAL WHERE email_id = %(id)s",
+                                      {"id": email_id})
+
+    found = reads.emails(warehouse_engine, [never, b, "unknown", a])
+    assert list(found) == [never, b, a]  # the registered ones, in the order asked
+    for email_id, item in found.items():
+        assert item == reads.email_opens(warehouse_engine, email_id)
+        (sent,) = final("sends", email_id)
+        assert {k: item[k] for k in ("subject", "person_id", "template_id", "sequence_id",
+                                     "sequence_step")} == {
+            k: sent[k] for k in ("subject", "person_id", "template_id", "sequence_id",
+                                 "sequence_step")}
+        assert item["tracking"] is bool(sent["tracking"])
+        states = final("email_state", email_id)
+        assert item["open_count"] == (states[0]["open_count"] if states else 0)
+        assert item["raw_load_count"] == (states[0]["raw_load_count"] if states else 0)
+        engaged = final("engagement", email_id)
+        assert item["replies"] == sum(r["kind"] == "reply" for r in engaged)
+        assert item["unsubscribes"] == sum(r["kind"] == "unsubscribe" for r in engaged)
+    assert (found[a]["subject"], found[a]["open_count"], found[a]["replies"]) == ("new", 3, 2)
+    assert found[a]["last_opened_at"] == "2026-01-05T09:03:00.000Z"
+    assert (found[b]["tracking"], found[b]["unsubscribed"], found[b]["opened"]) == (
+        False, True, True)
+    assert (found[never]["opened"], found[never]["open_count"]) == (False, 0)
+    known = {a: {**found[a], "open_count": 99, "last_opened_at": 0, "first_opened_at": 0,
+                 "last_human_opened_at": 0}}
+    assert reads.emails(warehouse_engine, [a], known)[a]["open_count"] == 99

@@ -22,9 +22,6 @@ from warehouse.engines import Engine
 TIME_FIELDS = ("first_opened_at", "last_opened_at", "last_human_opened_at", "sent_at")
 FOLDER_SETTLE_MS = 2000  # the folder's snapshot lags the clock by this much
 
-# An email's send, its open state and its engagement, read by three lookups on the tables'
-# sorting key. One statement joining them cost about 1.5x the CPU of the three (chDB plans
-# each JOIN for milliseconds, more than a lookup of one granule costs).
 _SEND_COLUMNS = (
     "email_id", "profile_id", "person_type", "person_id", "template_id", "subject",
     "sequence_id", "sequence_step", "sent_at", "tracking",
@@ -47,18 +44,33 @@ def newest(table: str, columns: str, condition: str) -> str:
             f"ORDER BY {version[table]} DESC LIMIT 1 BY email_id")
 
 
-_SENDS_SQL = newest("sends", ", ".join(_SEND_COLUMNS), "email_id IN %(ids)s")
 _STATES_SQL = newest("email_state", f"email_id, {', '.join(_STATE_COLUMNS)}",
                      "email_id IN %(ids)s")
-# Distinct event ids count what FINAL would keep (the key is email_id, kind, event_id),
-# without merging the monthly partitions' parts: about half the CPU.
-_ENGAGEMENT_SQL = """
-SELECT email_id, uniqExactIf(event_id, kind = 'reply') AS replies,
-       uniqExactIf(event_id, kind = 'unsubscribe') AS unsubscribes
-FROM engagement WHERE email_id IN %(ids)s GROUP BY email_id
-"""
+# An email's send, state and engagement in one statement of plain reads by key, the newest
+# version picked here: on the 1M-email warehouse about 0.7x the time of three statements
+# that sort or group (each chDB statement costs about a millisecond before it reads
+# anything). Every branch has the same column types, as the 18.16 server's UNION requires.
+_TEXTS = _SEND_COLUMNS[1:7]
+_NUMBERS = _SEND_COLUMNS[7:]
+_FACTS_SENDS = f"""
+SELECT toUInt8(1) AS part, email_id, registered_at AS version, toInt64(0) AS tiebreak,
+       [{", ".join(_TEXTS)}] AS texts,
+       [{", ".join(f"toInt64({c})" for c in _NUMBERS)}] AS numbers
+FROM sends WHERE email_id IN %(ids)s"""
+_FACTS_STATES = f"""
+SELECT toUInt8(2), email_id, toInt64(revision), first_human_opened_at, emptyArrayString(),
+       [{", ".join(f"toInt64({c})" for c in _STATE_COLUMNS)}]
+FROM email_state WHERE email_id IN %(states)s"""
+_FACTS_ENGAGEMENT = """
+SELECT toUInt8(3), email_id, toInt64(0), toInt64(0), [kind, event_id], emptyArrayInt64()
+FROM engagement WHERE email_id IN %(ids)s AND kind IN ('reply', 'unsubscribe')"""
 _NEVER_OPENED = dict.fromkeys(_STATE_COLUMNS, 0)
-_NO_ENGAGEMENT = {"replies": 0, "unsubscribes": 0}
+
+
+def _facts_sql(with_states: bool) -> str:
+    parts = [_FACTS_SENDS, _FACTS_STATES, _FACTS_ENGAGEMENT] if with_states else [
+        _FACTS_SENDS, _FACTS_ENGAGEMENT]
+    return "\nUNION ALL".join(parts)
 
 
 class BadCursor(ValueError):
@@ -82,25 +94,49 @@ def emails(
     engine: Engine, email_ids: Iterable[str], known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Registered emails among ``email_ids`` with their state, keyed by id (the states in
-    ``known`` as given, read already by the caller)."""
-    ids = tuple(email_ids)
-    sends = engine.query(_SENDS_SQL, {"ids": ids}) if ids else []
-    if not sends:  # an unknown email costs one lookup
+    ``known`` as given, read already by the caller).
+
+    Of a ReplacingMergeTree's versions of a row, the newest is the one FINAL keeps (equal
+    versions carry equal rows, except states that migration 3 wrote again under their
+    revision with the first human open filled in, which rank first here); engagement counts
+    distinct event ids, as FINAL would keep them."""
+    ids = tuple(dict.fromkeys(email_ids))
+    if not ids:
         return {}
-    found = {"ids": tuple(send["email_id"] for send in sends)}
     known = known or {}
-    states = {i: {c: known[i][c] for c in _STATE_COLUMNS} for i in found["ids"] if i in known}
-    unread = {"ids": tuple(i for i in found["ids"] if i not in states)}
-    if unread["ids"]:
-        states.update((r.pop("email_id"), r) for r in engine.query(_STATES_SQL, unread))
-    engagement = {r.pop("email_id"): r for r in engine.query(_ENGAGEMENT_SQL, found)}
-    return {
-        send["email_id"]: _present({
-            **send, **states.get(send["email_id"], _NEVER_OPENED),
-            **engagement.get(send["email_id"], _NO_ENGAGEMENT),
+    unread = tuple(i for i in ids if i not in known)
+    rows = engine.query(_facts_sql(bool(unread)), {"ids": ids, "states": unread})
+    sends: dict[str, tuple[int, dict[str, Any]]] = {}
+    states: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+    events: dict[str, dict[str, set[str]]] = {}
+    for row in rows:
+        email_id, part = row["email_id"], row["part"]
+        if part == 1:
+            if email_id not in sends or row["version"] > sends[email_id][0]:
+                send = dict(zip(_TEXTS, row["texts"], strict=True))
+                send.update(zip(_NUMBERS, row["numbers"], strict=True))
+                sends[email_id] = (row["version"], send)
+        elif part == 2:
+            version = (row["version"], row["tiebreak"])
+            if email_id not in states or version > states[email_id][0]:
+                states[email_id] = (version, dict(zip(_STATE_COLUMNS, row["numbers"],
+                                                      strict=True)))
+        else:
+            kind, event_id = row["texts"]
+            events.setdefault(email_id, {}).setdefault(kind, set()).add(event_id)
+    found: dict[str, dict[str, Any]] = {}
+    for email_id in ids:  # in the order asked
+        if email_id not in sends:
+            continue
+        state = ({c: known[email_id][c] for c in _STATE_COLUMNS} if email_id in known
+                 else states.get(email_id, (None, _NEVER_OPENED))[1])
+        engaged = events.get(email_id, {})
+        found[email_id] = _present({
+            "email_id": email_id, **sends[email_id][1], **state,
+            "replies": len(engaged.get("reply", ())),
+            "unsubscribes": len(engaged.get("unsubscribe", ())),
         })
-        for send in sends
-    }
+    return found
 
 
 def email_opens(engine: Engine, email_id: str) -> dict[str, Any] | None:
