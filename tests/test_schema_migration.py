@@ -32,7 +32,7 @@ from warehouse.schema import (
 
 T0 = 1_767_603_600_000  # 2026-01-05T09:00:00Z
 MIN = 60_000
-ALL_TABLES = (*SMALL_GRANULE_TABLES, "email_facts", "erased_emails")
+ALL_TABLES = (*SMALL_GRANULE_TABLES, "email_facts", "erased_emails", "sends_by_profile")
 STEPS = {version: steps for version, _, steps in MIGRATIONS}[4]
 copy_step, swap_step, drop_step = STEPS
 
@@ -140,10 +140,11 @@ def engine_clauses(engine: Engine) -> dict[str, str]:
         "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()")}
 
 
-LATER_TABLES = ("folder_index", "folder_index_mv")  # made by migration 5
+LATER_TABLES = ("folder_index", "folder_index_mv",  # made by migration 5
+                "sends_by_profile", "sends_by_profile_mv")  # and 6
 
 
-def structure_before_5(engine: Engine) -> dict[str, Any]:
+def structure_before_4(engine: Engine) -> dict[str, Any]:
     found = structure(engine)
     return {"columns": {t: c for t, c in found["columns"].items() if t not in LATER_TABLES},
             "tables": [t for t in found["tables"] if t["name"] not in LATER_TABLES]}
@@ -162,7 +163,7 @@ def v3(warehouse_engine) -> Iterator[tuple[Engine, dict[str, Any], dict[str, Any
     with fresh_database(warehouse_engine) as engine:
         assert migrate(engine, upto=3) == [1, 2, 3]
         data = fill(engine, tag)
-        yield engine, data, {"answers": expected, "structure": structure_before_5(engine)}
+        yield engine, data, {"answers": expected, "structure": structure_before_4(engine)}
 
 
 def assert_migrated(engine: Engine, data: dict[str, Any], before: dict[str, Any]) -> None:
@@ -177,7 +178,7 @@ def assert_migrated(engine: Engine, data: dict[str, Any], before: dict[str, Any]
         for name, value in blocks.items():
             assert (f"{name} = {value}" in clauses[table]) == (table in SMALL_BLOCK_TABLES)
     assert "index_granularity = 8192" in clauses["email_facts"]
-    assert structure_before_5(engine) == before["structure"]
+    assert structure_before_4(engine) == before["structure"]
     assert answers(engine, data) == before["answers"]
     assert engine.query("SELECT max(version) AS v FROM schema_migrations")[0]["v"] == LATEST
     assert migrate(engine) == []  # a second run is a no-op
@@ -198,13 +199,16 @@ def assert_migrated(engine: Engine, data: dict[str, Any], before: dict[str, Any]
                              revision=1, first_human_opened_at=opened_at))
     first = reads.opened_folder(engine, limit=1).items
     assert [item["email_id"] for item in first] == [late.email_id]
+    # and the profile's, from sends_by_profile, which the view fills too
+    first = reads.opened_folder(engine, profile_id=data["profiles"][0], limit=1).items
+    assert [item["email_id"] for item in first] == [late.email_id]
 
 
 def test_migration_4_keeps_rows_and_answers(v3) -> None:
     engine, data, before = v3
     clauses = engine_clauses(engine)
     assert all("index_granularity = 8192" in clauses[t] for t in SMALL_GRANULE_TABLES)
-    assert migrate(engine) == [4, 5]
+    assert migrate(engine) == [4, 5, 6]
     assert_migrated(engine, data, before)
 
 
@@ -238,5 +242,5 @@ def _between_the_renames(engine: Engine) -> None:
 def test_migration_4_after_a_crash(v3, crash: Callable[[Engine], Any]) -> None:
     engine, data, before = v3
     crash(engine)
-    assert migrate(engine) == [4, 5]
+    assert migrate(engine) == [4, 5, 6]
     assert_migrated(engine, data, before)

@@ -194,10 +194,14 @@ SELECT email_id, t FROM folder_index
 WHERE human = %(human)s AND t > 0 AND t <= %(bound_t)s {conditions}
 ORDER BY t DESC, email_id DESC LIMIT %(k)s
 """
+# A profile's candidates only (schema migration 6): the biggest of 300 profiles, 9% of the
+# sends, had its first page from 1,600 candidates of all profiles, whose sends were looked
+# up one granule each (60 ms of its 106).
+_OF_PROFILE = ("email_id IN (SELECT email_id FROM sends_by_profile "
+               "WHERE profile_id = %(profile_id)s)")
 _FIRST_ROUND, _LARGEST_ROUND = 64, 8192
-# Candidates read before a page switches to a scan of the states: a profile with a small
-# share of the opens (or a stretch of entries left behind by reopens) would otherwise cost
-# many rounds; the scan costs the same for any profile.
+# Candidates read before a page switches to a scan of the states: a long stretch of entries
+# left behind by reopens would otherwise cost many rounds; the scan costs the same always.
 _MOST_CANDIDATES = 20_000
 
 
@@ -223,7 +227,9 @@ def _ranked_by_state(
             return found + _scanned_by_state(engine, column, params, conditions, profile_id,
                                              limit - len(found), bound)
         where = list(conditions)
-        round_params = {**params, "k": k,
+        if profile_id is not None:
+            where.append(_OF_PROFILE)
+        round_params = {**params, "k": k, "profile_id": profile_id,
                         "bound_t": min(params["as_of"], params.get("after_t", params["as_of"]))}
         if bound:
             where.append("(t, email_id) < (%(round_t)s, %(round_id)s)")
@@ -234,7 +240,7 @@ def _ranked_by_state(
             break
         read += len(rows)
         ids = tuple({r["email_id"] for r in rows} - seen)
-        if profile_id is not None and ids:  # the profile's first: fewer states to read
+        if profile_id is not None and ids:  # a send registered again under another profile
             owners = engine.query(newest("sends", "email_id, profile_id", "email_id IN %(ids)s"),
                                   {"ids": ids})
             ids = tuple(r["email_id"] for r in owners if r["profile_id"] == profile_id)

@@ -195,6 +195,16 @@ _FOLDER_INDEX_MV = ("CREATE MATERIALIZED VIEW IF NOT EXISTS folder_index_mv TO f
 _FILL_FOLDER_INDEX = "INSERT INTO folder_index " + _FOLDER_ENTRIES.format(
     source="(SELECT email_id, last_opened_at, last_human_opened_at FROM email_state FINAL)")
 
+# A profile's emails, for the Opened folder of one profile: the folder index's candidates
+# are filtered by this set (one range read) instead of looking up the send of each.
+_SENDS_BY_PROFILE = """CREATE TABLE IF NOT EXISTS sends_by_profile (
+        profile_id String, email_id String, registered_at Int64
+    ) ENGINE = ReplacingMergeTree(registered_at) ORDER BY (profile_id, email_id)"""
+_SENDS_BY_PROFILE_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS sends_by_profile_mv
+        TO sends_by_profile AS SELECT profile_id, email_id, registered_at FROM sends"""
+_FILL_SENDS_BY_PROFILE = """INSERT INTO sends_by_profile
+        SELECT profile_id, email_id, registered_at FROM sends FINAL"""
+
 
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "sends, opens, email state, engagement", [
@@ -247,6 +257,11 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         _FOLDER_INDEX,
         _FOLDER_INDEX_MV,
         _FILL_FOLDER_INDEX,
+    ]),
+    (6, "sends_by_profile: a profile's emails, for its Opened folder", [
+        _SENDS_BY_PROFILE,
+        _SENDS_BY_PROFILE_MV,
+        _FILL_SENDS_BY_PROFILE,
     ]),
 ]
 

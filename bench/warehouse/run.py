@@ -317,6 +317,7 @@ def raw_insert(engine: Engine, table: str, values: list[bytes]) -> None:
 
 # The warehouse's materialized views: (source, target) tables. The bulk tables get the same.
 VIEWS = {"sends_by_person_mv": ("sends", "sends_by_person"),
+         "sends_by_profile_mv": ("sends", "sends_by_profile"),
          "folder_index_mv": ("email_state", "folder_index")}
 
 
