@@ -169,3 +169,40 @@ def test_a_batch_that_fails_half_way_is_written_once_by_the_retry(
     assert written == {k: v * attempts_counted for k, v in _delta(before).items()
                        if k.startswith("rows")}
     assert not _staging(engine)
+
+
+@pytest.mark.parametrize("warehouse_engine", ["chdb"], indirect=True)
+def test_full_batches_leave_the_facts_to_a_later_refresh(warehouse_engine: Engine) -> None:
+    """Under a backlog (full batches) the facts wait, and offsets with them (``settled``);
+    a batch after ``facts_lag``, a batch that is not full, or ``settle`` refreshes the facts
+    of every email written since, to what the row builders give."""
+    engine = warehouse_engine
+    run = uuid.uuid4().hex[:6]
+    late, reference = f"llate{run}-", f"llref{run}-"
+    rows = Loader(engine, "unused:9092", fast=False)
+    for batch in _batches(reference):
+        assert rows.write(batch)
+    loader = Loader(engine, "unused:9092", fast=True, max_records=2, facts_lag=3600)
+    try:
+        assert loader.settled  # nothing written yet
+        first, second = _batches(late)
+        assert loader.write(first)  # full: more than max_records
+        assert not loader.settled
+        assert _rows(engine, "email_facts", late) == []
+        assert _rows(engine, "opens", late)  # the rows are in at once
+        assert loader.write(second)  # (its malformed values take the row builders)
+        assert not loader.settled
+        assert loader.settle() and loader.settled
+        for table in TABLES:
+            assert _rows(engine, table, late) == _rows(engine, table, reference), table
+    finally:
+        loader.close()
+    # the lag passed: the next full batch refreshes
+    again, eager = f"llagn{run}-", Loader(engine, "unused:9092", fast=True, max_records=2,
+                                         facts_lag=0)
+    try:
+        assert eager.write(_batches(again)[0]) and eager.settled
+        assert len(_rows(engine, "email_facts", again)) == 3  # a, b and gone (not erased yet)
+        assert eager.write(_batches(again)[1][:1]) and eager.settled  # not full
+    finally:
+        eager.close()

@@ -45,6 +45,9 @@ from warehouse.erasure import erase_emails, erased_ids
 
 log = logging.getLogger(__name__)
 
+# Under a backlog, how long the facts of written emails may wait (see ``Loader.write``).
+FACTS_LAG_SECONDS = 2.0
+
 LOADER_ROWS = Counter("opentrack_loader_rows_total", "Rows written by table", ["table"])
 LOADER_RETRIES = Counter("opentrack_loader_retries_total", "Batch inserts retried")
 LOADER_REJOINS = Counter(
@@ -288,7 +291,8 @@ class TableWriter:
     wrote are recorded (``{prefix}_touched``), and ``refresh_facts`` recomputes their facts.
 
     Failure: a statement that fails can leave email ids behind; ``reset`` empties them, so
-    that writing the batch again counts it once. Not thread-safe: one writer per thread,
+    that writing the batch again counts it once (the emails whose facts are due stay: a
+    refresh of more emails than were written is harmless). Not thread-safe: one writer per thread,
     each with its own ``prefix``."""
 
     def __init__(
@@ -396,13 +400,16 @@ class TableWriter:
             self.engine.execute(f"TRUNCATE TABLE {self._touched}")
             self._touched_any = False
 
+    @property
+    def facts_due(self) -> bool:
+        """Emails written whose facts are not refreshed yet."""
+        return self._touched_any
+
     def reset(self) -> None:
-        """Forget the email ids kept: after a failure, before the batch is written again."""
+        """Forget the email ids kept for counting: after a failure, before the batch is
+        written again."""
         for sql in self._fast.values():
             self.engine.execute(sql.clear)
-        if self._fast:
-            self.engine.execute(f"TRUNCATE TABLE {self._touched}")
-        self._touched_any = False
         self._pending.clear()
 
     def close(self) -> None:
@@ -423,6 +430,7 @@ class Loader:
         max_records: int = 20000,
         poll_ms: int = 50,
         fast: bool | None = None,
+        facts_lag: float = FACTS_LAG_SECONDS,
     ) -> None:
         self.engine = engine
         # chDB: each batch through the fast path (TableWriter); the row builders otherwise
@@ -434,6 +442,8 @@ class Loader:
         self.topics = list(topics)
         self.max_records = max_records
         self.poll_ms = poll_ms
+        self.facts_lag = facts_lag
+        self._facts_due_since: float | None = None
         self.stopping = threading.Event()
         self.erased: set[str] = set()
 
@@ -486,10 +496,12 @@ class Loader:
         write_batch(self.engine, rows)
         erase_emails(self.engine, erased)
 
-    def _apply_fast(self, by_topic: dict[str, list[bytes]], erased: set[str]) -> None:
+    def _apply_fast(self, by_topic: dict[str, list[bytes]], erased: set[str],
+                    settle: bool) -> None:
         """Erasures first: the fast path's views then leave out their emails' rows (they
         read ``erased_emails``), as the row builders do (``self.erased``), so the end is the
-        same as ``_apply``'s. Then each topic, then the facts of the emails written."""
+        same as ``_apply``'s. Then each topic, then (if ``settle``) the facts of the emails
+        written since the last refresh."""
         if self._writer is None:
             self._writer = TableWriter(self.engine, self.erased, fast=True, prefix="loader_stage")
         writer = self._writer
@@ -498,12 +510,24 @@ class Loader:
         self._unclean = True
         erase_emails(self.engine, erased)
         writer.write_topics(by_topic)
-        writer.refresh_facts()
+        if settle:
+            writer.refresh_facts()
         self._unclean = False
 
-    def write(self, messages: Iterable[tuple[str, bytes | None]]) -> bool:
+    @property
+    def settled(self) -> bool:
+        """Everything written is in the warehouse with its facts: offsets may be committed."""
+        return self._writer is None or not self._writer.facts_due
+
+    def write(self, messages: Sequence[tuple[str, bytes | None]]) -> bool:
         """Write one polled batch of (topic, value) pairs, retrying until it is written;
-        False only when asked to stop first (then nothing may be committed)."""
+        False only when asked to stop first (then nothing may be committed).
+
+        On the fast path, a full batch (a backlog: catching up, a replay) leaves the facts
+        of its emails to a later batch, for up to ``facts_lag`` seconds: a refresh reads
+        every granule its emails touch, which at 1M emails is most of the tables, so one
+        refresh per second or two instead of one per batch is most of the loader's speed
+        under a backlog. Offsets may be committed only once ``settled``."""
         by_topic: dict[str, list[bytes]] = defaultdict(list)
         for topic, value in messages:
             if value is not None:  # tombstones
@@ -512,13 +536,32 @@ class Loader:
         erased_now = {i for e in erasures if e for i in e.email_ids}
         self.erased |= erased_now
         if self.fast:
-            return self._retry(partial(self._apply_fast, by_topic, erased_now))
+            now = time.monotonic()
+            if self._facts_due_since is None:
+                self._facts_due_since = now
+            settle = (len(messages) < self.max_records
+                      or now - self._facts_due_since >= self.facts_lag)
+            if not self._retry(partial(self._apply_fast, by_topic, erased_now, settle)):
+                return False
+            if settle:
+                self._facts_due_since = None
+            return True
         rows = rows_by_table(((t, v) for t, values in by_topic.items() for v in values),
                              self.erased)
         return self._retry(partial(self._apply, rows, erased_now))
 
+    def settle(self) -> bool:
+        """Refresh the facts still due (the backlog is over); False only when asked to stop
+        first."""
+        writer = self._writer
+        if writer is None or not writer.facts_due:
+            return True
+        if not self._retry(writer.refresh_facts):
+            return False
+        self._facts_due_since = None
+        return True
+
     def run(self) -> None:
-        from kafka.errors import CommitFailedError
 
         if not self._retry(lambda: self.erased.update(erased_ids(self.engine))):
             return
@@ -528,6 +571,10 @@ class Loader:
         try:
             while not self.stopping.is_set():
                 polled = consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records)
+                if not polled and not self.settled:
+                    if not self.settle():
+                        break
+                    self._commit(consumer)
                 if not polled:
                     if watch.stuck(consumer):
                         log.warning("no partition assigned to this loader or any other in "
@@ -543,13 +590,21 @@ class Loader:
                     break
                 LOADER_BATCH_SECONDS.observe(time.perf_counter() - started)
                 LOADER_BATCH_ROWS.observe(sum(v is not None for _, v in messages))
-                try:
-                    consumer.commit()
-                except CommitFailedError as exc:  # rebalanced meanwhile: it comes again
-                    log.warning("offset commit failed, the batch will be redelivered: %s", exc)
+                if self.settled:
+                    self._commit(consumer)
         finally:
             consumer.close()
             self.close()
+
+    @staticmethod
+    def _commit(consumer: Any) -> None:
+        from kafka.errors import CommitFailedError
+
+        try:
+            consumer.commit()
+        except CommitFailedError as exc:  # rebalanced meanwhile: it comes again
+            log.warning("offset commit failed, the batches since the last commit will be "
+                        "redelivered: %s", exc)
 
     def close(self) -> None:
         """Drop the staging tables (the next loader's would replace them anyway)."""
