@@ -205,3 +205,17 @@ def test_email_lookup_reads_what_final_keeps(warehouse_engine, profile) -> None:
     known = {a: {**found[a], "open_count": 99, "last_opened_at": 0, "first_opened_at": 0,
                  "last_human_opened_at": 0}}
     assert reads.emails(warehouse_engine, [a], known)[a]["open_count"] == 99
+
+
+def test_profile_folder_follows_a_send_registered_again_elsewhere(warehouse_engine,
+                                                                  profile) -> None:
+    """sends_by_profile keeps the old profile's row of a send registered again under
+    another: the newest send decides whose folder lists the email."""
+    moved, stays = f"{profile}-moved", f"{profile}-stays"
+    other = f"{profile}-other"
+    opened(warehouse_engine, moved, profile, T0 + MIN)
+    opened(warehouse_engine, stays, profile, T0)
+    write(warehouse_engine, SendRegistered(moved, other, "candidate", "c1", "t1", "s", T0,
+                                           registered_at=T0 + 1))
+    assert ids(reads.opened_folder(warehouse_engine, profile_id=profile)) == [stays]
+    assert ids(reads.opened_folder(warehouse_engine, profile_id=other)) == [moved]

@@ -44,33 +44,69 @@ def newest(table: str, columns: str, condition: str) -> str:
             f"ORDER BY {version[table]} DESC LIMIT 1 BY email_id")
 
 
-_STATES_SQL = newest("email_state", f"email_id, {', '.join(_STATE_COLUMNS)}",
-                     "email_id IN %(ids)s")
-# An email's send, state and engagement in one statement of plain reads by key, the newest
-# version picked here: on the 1M-email warehouse about 0.7x the time of three statements
-# that sort or group (each chDB statement costs about a millisecond before it reads
-# anything). Every branch has the same column types, as the 18.16 server's UNION requires.
+# Emails' sends, states and engagement in one statement of plain reads by key, the newest
+# version picked here (one email on the 1M-email warehouse: about 0.7x the time of three
+# statements that sort or group; each chDB statement costs about a millisecond before it
+# reads anything). Every branch has the same column types, as 18.16's UNION requires.
 _TEXTS = _SEND_COLUMNS[1:7]
 _NUMBERS = _SEND_COLUMNS[7:]
 _FACTS_SENDS = f"""
 SELECT toUInt8(1) AS part, email_id, registered_at AS version, toInt64(0) AS tiebreak,
        [{", ".join(_TEXTS)}] AS texts,
        [{", ".join(f"toInt64({c})" for c in _NUMBERS)}] AS numbers
-FROM sends WHERE email_id IN %(ids)s"""
+FROM sends WHERE email_id IN %(sends)s"""
 _FACTS_STATES = f"""
-SELECT toUInt8(2), email_id, toInt64(revision), first_human_opened_at, emptyArrayString(),
-       [{", ".join(f"toInt64({c})" for c in _STATE_COLUMNS)}]
+SELECT toUInt8(2) AS part, email_id, toInt64(revision) AS version,
+       first_human_opened_at AS tiebreak, emptyArrayString() AS texts,
+       [{", ".join(f"toInt64({c})" for c in _STATE_COLUMNS)}] AS numbers
 FROM email_state WHERE email_id IN %(states)s"""
 _FACTS_ENGAGEMENT = """
-SELECT toUInt8(3), email_id, toInt64(0), toInt64(0), [kind, event_id], emptyArrayInt64()
-FROM engagement WHERE email_id IN %(ids)s AND kind IN ('reply', 'unsubscribe')"""
+SELECT toUInt8(3) AS part, email_id, toInt64(0) AS version, toInt64(0) AS tiebreak,
+       [kind, event_id] AS texts, emptyArrayInt64() AS numbers
+FROM engagement WHERE email_id IN %(engaged)s AND kind IN ('reply', 'unsubscribe')"""
 _NEVER_OPENED = dict.fromkeys(_STATE_COLUMNS, 0)
 
 
-def _facts_sql(with_states: bool) -> str:
-    parts = [_FACTS_SENDS, _FACTS_STATES, _FACTS_ENGAGEMENT] if with_states else [
-        _FACTS_SENDS, _FACTS_ENGAGEMENT]
-    return "\nUNION ALL".join(parts)
+@dataclass
+class _Newest:
+    sends: dict[str, dict[str, Any]]
+    states: dict[str, dict[str, Any]]
+    events: dict[str, dict[str, set[str]]]  # email -> kind -> event ids
+
+
+def _read_newest(engine: Engine, sends: tuple[str, ...] = (), states: tuple[str, ...] = (),
+                 engaged: tuple[str, ...] = ()) -> _Newest:
+    """The newest send and state, and the engagement, of the emails asked for each, in one
+    statement.
+
+    Of a ReplacingMergeTree's versions of a row, the newest is the one FINAL keeps (equal
+    versions carry equal rows, except states that migration 3 wrote again under their
+    revision with the first human open filled in, which rank first here); engagement counts
+    distinct event ids, as FINAL would keep them."""
+    asked = {"sends": sends, "states": states, "engaged": engaged}
+    branches = [sql for name, sql in (("sends", _FACTS_SENDS), ("states", _FACTS_STATES),
+                                      ("engaged", _FACTS_ENGAGEMENT)) if asked[name]]
+    found = _Newest({}, {}, {})
+    if not branches:
+        return found
+    versions: dict[tuple[int, str], tuple[int, int]] = {}
+    for row in engine.query("\nUNION ALL".join(branches), asked):
+        email_id, part = row["email_id"], row["part"]
+        if part == 3:
+            kind, event_id = row["texts"]
+            found.events.setdefault(email_id, {}).setdefault(kind, set()).add(event_id)
+            continue
+        version = (row["version"], row["tiebreak"])
+        if versions.get((part, email_id), (-1, -1)) >= version:
+            continue
+        versions[part, email_id] = version
+        if part == 1:
+            send = dict(zip(_TEXTS, row["texts"], strict=True))
+            send.update(zip(_NUMBERS, row["numbers"], strict=True))
+            found.sends[email_id] = send
+        else:
+            found.states[email_id] = dict(zip(_STATE_COLUMNS, row["numbers"], strict=True))
+    return found
 
 
 class BadCursor(ValueError):
@@ -93,46 +129,21 @@ def _present(row: dict[str, Any]) -> dict[str, Any]:
 def emails(
     engine: Engine, email_ids: Iterable[str], known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Registered emails among ``email_ids`` with their state, keyed by id (the states in
-    ``known`` as given, read already by the caller).
-
-    Of a ReplacingMergeTree's versions of a row, the newest is the one FINAL keeps (equal
-    versions carry equal rows, except states that migration 3 wrote again under their
-    revision with the first human open filled in, which rank first here); engagement counts
-    distinct event ids, as FINAL would keep them."""
+    """Registered emails among ``email_ids`` with their state, keyed by id, in the order
+    asked (the states in ``known`` as given, read already by the caller)."""
     ids = tuple(dict.fromkeys(email_ids))
-    if not ids:
-        return {}
     known = known or {}
-    unread = tuple(i for i in ids if i not in known)
-    rows = engine.query(_facts_sql(bool(unread)), {"ids": ids, "states": unread})
-    sends: dict[str, tuple[int, dict[str, Any]]] = {}
-    states: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
-    events: dict[str, dict[str, set[str]]] = {}
-    for row in rows:
-        email_id, part = row["email_id"], row["part"]
-        if part == 1:
-            if email_id not in sends or row["version"] > sends[email_id][0]:
-                send = dict(zip(_TEXTS, row["texts"], strict=True))
-                send.update(zip(_NUMBERS, row["numbers"], strict=True))
-                sends[email_id] = (row["version"], send)
-        elif part == 2:
-            version = (row["version"], row["tiebreak"])
-            if email_id not in states or version > states[email_id][0]:
-                states[email_id] = (version, dict(zip(_STATE_COLUMNS, row["numbers"],
-                                                      strict=True)))
-        else:
-            kind, event_id = row["texts"]
-            events.setdefault(email_id, {}).setdefault(kind, set()).add(event_id)
+    read = _read_newest(engine, sends=ids, engaged=ids,
+                        states=tuple(i for i in ids if i not in known))
     found: dict[str, dict[str, Any]] = {}
-    for email_id in ids:  # in the order asked
-        if email_id not in sends:
+    for email_id in ids:
+        if email_id not in read.sends:
             continue
         state = ({c: known[email_id][c] for c in _STATE_COLUMNS} if email_id in known
-                 else states.get(email_id, (None, _NEVER_OPENED))[1])
-        engaged = events.get(email_id, {})
+                 else read.states.get(email_id, _NEVER_OPENED))
+        engaged = read.events.get(email_id, {})
         found[email_id] = _present({
-            "email_id": email_id, **sends[email_id][1], **state,
+            "email_id": email_id, **read.sends[email_id], **state,
             "replies": len(engaged.get("reply", ())),
             "unsubscribes": len(engaged.get("unsubscribe", ())),
         })
@@ -189,10 +200,14 @@ _FOLDER_CURSOR = {"t": int, "id": str, "as_of": int}
 # Candidates for a folder page: the newest entries of the sorted folder index (schema
 # migration 5) below the page's bound. Old entries of emails opened again since stay in the
 # index; ``_ranked_by_state`` drops every entry that no longer equals its email's state.
+# The profile's set is not matched against the index's key (email_id comes third in it):
+# ClickHouse's default prepares it for that all the same, 10 of the 27 ms of a round for the
+# biggest profile.
 _CANDIDATES_SQL = """
 SELECT email_id, t FROM folder_index
 WHERE human = %(human)s AND t > 0 AND t <= %(bound_t)s {conditions}
 ORDER BY t DESC, email_id DESC LIMIT %(k)s
+SETTINGS use_index_for_in_with_subqueries = 0
 """
 # A profile's candidates only (schema migration 6): the biggest of 300 profiles, 9% of the
 # sends, had its first page from 1,600 candidates of all profiles, whose sends were looked
@@ -240,11 +255,14 @@ def _ranked_by_state(
             break
         read += len(rows)
         ids = tuple({r["email_id"] for r in rows} - seen)
-        if profile_id is not None and ids:  # a send registered again under another profile
-            owners = engine.query(newest("sends", "email_id, profile_id", "email_id IN %(ids)s"),
-                                  {"ids": ids})
-            ids = tuple(r["email_id"] for r in owners if r["profile_id"] == profile_id)
-        current = {r["email_id"]: r for r in engine.query(_STATES_SQL, {"ids": ids})} if ids else {}
+        # with the profile's sends: one registered again under another profile leaves its
+        # old entry in sends_by_profile
+        newest_rows = _read_newest(engine, states=ids,
+                                   sends=ids if profile_id is not None else ())
+        current = newest_rows.states
+        if profile_id is not None:
+            current = {i: state for i, state in current.items()
+                       if newest_rows.sends.get(i, {}).get("profile_id") == profile_id}
         for row in rows:
             state = current.get(row["email_id"])
             if row["email_id"] not in seen and state and state[column] == row["t"]:
