@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -185,6 +186,10 @@ def create_worker_app(
     async def check_stall() -> None:
         await stall.check()
 
+    @app.task
+    async def watch_loop() -> None:
+        LoopWatch(asyncio.get_running_loop(), settings.worker_stall_seconds).start()
+
     return app
 
 
@@ -308,6 +313,41 @@ class StallWatch:
             log.critical("the agent has taken no event for %.0f s while %d wait: exiting "
                          "with %d so that the worker is restarted", idle, waiting, STALLED_EXIT)
             self.exit(STALLED_EXIT)
+
+
+class LoopWatch:
+    """Exits the worker when its event loop has run nothing for ``patience`` seconds.
+
+    A call that blocks the loop (a client stuck in C, a synchronous call that never
+    returns) stops the agent and ``StallWatch``'s timer alike, both being on the loop: from
+    a thread, this asks the loop to run a trivial callback, and exits as ``StallWatch``
+    does when it is not run in time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, patience: float, every: float = 5.0,
+                 exit: Callable[[int], Any] = _exit_now) -> None:
+        self.loop, self.patience, self.every, self.exit = loop, patience, every, exit
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="loop-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self) -> None:
+        while True:
+            answered = threading.Event()
+            try:
+                self.loop.call_soon_threadsafe(answered.set)
+            except RuntimeError:  # the loop is closed: the worker has stopped
+                return
+            if not answered.wait(self.patience):
+                if self.loop.is_closed():
+                    return
+                log.critical("the event loop has run nothing for %.0f s (a call blocks it): "
+                             "exiting with %d so that the worker is restarted",
+                             self.patience, STALLED_EXIT)
+                self.exit(STALLED_EXIT)
+                return
+            time.sleep(self.every)
 
 
 class FetchWithoutLoss:
