@@ -206,3 +206,17 @@ def test_full_batches_leave_the_facts_to_a_later_refresh(warehouse_engine: Engin
         assert eager.write(_batches(again)[1][:1]) and eager.settled  # not full
     finally:
         eager.close()
+
+
+@pytest.mark.parametrize("error", ["RebalanceInProgressError", "CommitFailedError",
+                                   "NodeNotReadyError"])
+def test_a_failed_commit_leaves_the_batches_to_be_delivered_again(error: str) -> None:
+    """Seen in CI: kafka-python raised RebalanceInProgressError from a commit, which
+    stopped the loader; the batches since the last commit come again instead."""
+    import kafka.errors
+
+    class Consumer:
+        def commit(self) -> None:
+            raise getattr(kafka.errors, error)("injected")
+
+    Loader._commit(Consumer())
