@@ -292,8 +292,8 @@ class TableWriter:
 
     Failure: a statement that fails can leave email ids behind; ``reset`` empties them, so
     that writing the batch again counts it once (the emails whose facts are due stay: a
-    refresh of more emails than were written is harmless). Not thread-safe: one writer per thread,
-    each with its own ``prefix``."""
+    refresh of more emails than were written is harmless). Not thread-safe: one writer per
+    thread, each with its own ``prefix``."""
 
     def __init__(
         self, engine: Engine, erased: set[str], fast: bool | None = None,
@@ -562,7 +562,6 @@ class Loader:
         return True
 
     def run(self) -> None:
-
         if not self._retry(lambda: self.erased.update(erased_ids(self.engine))):
             return
         consumer = self._consumer()
@@ -571,11 +570,11 @@ class Loader:
         try:
             while not self.stopping.is_set():
                 polled = consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records)
-                if not polled and not self.settled:
-                    if not self.settle():
-                        break
-                    self._commit(consumer)
                 if not polled:
+                    if not self.settled:  # the backlog is over: the facts it left, then commit
+                        if not self.settle():
+                            break
+                        self._commit(consumer)
                     if watch.stuck(consumer):
                         log.warning("no partition assigned to this loader or any other in "
                                     "group %s for %.0f s: joining it again with a new consumer",

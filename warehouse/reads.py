@@ -50,17 +50,17 @@ def newest(table: str, columns: str, condition: str) -> str:
 # reads anything). Every branch has the same column types, as 18.16's UNION requires.
 _TEXTS = _SEND_COLUMNS[1:7]
 _NUMBERS = _SEND_COLUMNS[7:]
-_FACTS_SENDS = f"""
+_SENDS_BY_KEY = f"""
 SELECT toUInt8(1) AS part, email_id, registered_at AS version, toInt64(0) AS tiebreak,
        [{", ".join(_TEXTS)}] AS texts,
        [{", ".join(f"toInt64({c})" for c in _NUMBERS)}] AS numbers
 FROM sends WHERE email_id IN %(sends)s"""
-_FACTS_STATES = f"""
+_STATES_BY_KEY = f"""
 SELECT toUInt8(2) AS part, email_id, toInt64(revision) AS version,
        first_human_opened_at AS tiebreak, emptyArrayString() AS texts,
        [{", ".join(f"toInt64({c})" for c in _STATE_COLUMNS)}] AS numbers
 FROM email_state WHERE email_id IN %(states)s"""
-_FACTS_ENGAGEMENT = """
+_ENGAGEMENT_BY_KEY = """
 SELECT toUInt8(3) AS part, email_id, toInt64(0) AS version, toInt64(0) AS tiebreak,
        [kind, event_id] AS texts, emptyArrayInt64() AS numbers
 FROM engagement WHERE email_id IN %(engaged)s AND kind IN ('reply', 'unsubscribe')"""
@@ -84,8 +84,8 @@ def _read_newest(engine: Engine, sends: tuple[str, ...] = (), states: tuple[str,
     revision with the first human open filled in, which rank first here); engagement counts
     distinct event ids, as FINAL would keep them."""
     asked = {"sends": sends, "states": states, "engaged": engaged}
-    branches = [sql for name, sql in (("sends", _FACTS_SENDS), ("states", _FACTS_STATES),
-                                      ("engaged", _FACTS_ENGAGEMENT)) if asked[name]]
+    branches = [sql for name, sql in (("sends", _SENDS_BY_KEY), ("states", _STATES_BY_KEY),
+                                      ("engaged", _ENGAGEMENT_BY_KEY)) if asked[name]]
     found = _Newest({}, {}, {})
     if not branches:
         return found
