@@ -16,7 +16,7 @@ from warehouse.engines import Engine
 
 ERASABLE_TABLES = (
     "sends", "sends_by_person", "opens", "email_state", "engagement", "email_facts",
-    "folder_index", "sends_by_profile",
+    "folder_index", "sends_by_profile", "email_lookup",
 )
 
 

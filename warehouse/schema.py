@@ -206,6 +206,56 @@ _FILL_SENDS_BY_PROFILE = """INSERT INTO sends_by_profile
         SELECT profile_id, email_id, registered_at FROM sends FINAL"""
 
 
+# One email's rows for a read by id, all in one table: its sends, states and engagement,
+# each packed in two arrays, sorted by email. A read of a few emails then reads one table
+# instead of three (1M-email warehouse, one email: about 3 ms against 9 ms; each table a
+# chDB statement reads costs 2-3 ms, each column a file and a buffer). Views fill it on every
+# insert into the three tables, whichever writer makes it. ``source`` is ``send``, ``state``
+# or the engagement's kind; ``item`` the engagement's event id. A ReplacingMergeTree on the
+# version of the sources (registered_at, the state's revision) keeps what FINAL would keep;
+# a read picks the newest of the rows not merged yet (``warehouse.reads``).
+LOOKUP_SEND_TEXTS = ("profile_id", "person_type", "person_id", "template_id", "subject",
+                     "sequence_id")
+LOOKUP_SEND_NUMBERS = ("sequence_step", "sent_at", "tracking")
+LOOKUP_STATE_NUMBERS = ("opened", "open_count", "human_open_count", "machine_open_count",
+                        "raw_load_count", "first_opened_at", "last_opened_at",
+                        "last_human_opened_at")
+_LOOKUP_COLUMNS = "email_id, source, item, version, tiebreak, texts, numbers"
+_LOOKUP_SELECTS = {  # view -> its rows, in the table's column order
+    "email_lookup_sends_mv": f"""SELECT email_id, 'send' AS source, '' AS item,
+        toUInt64(registered_at) AS version, toInt64(0) AS tiebreak,
+        [{", ".join(LOOKUP_SEND_TEXTS)}] AS texts,
+        [{", ".join(f"toInt64({c})" for c in LOOKUP_SEND_NUMBERS)}] AS numbers FROM sends""",
+    "email_lookup_states_mv": f"""SELECT email_id, 'state' AS source, '' AS item,
+        revision AS version, first_human_opened_at AS tiebreak, emptyArrayString() AS texts,
+        [{", ".join(f"toInt64({c})" for c in LOOKUP_STATE_NUMBERS)}] AS numbers
+        FROM email_state""",
+    "email_lookup_engagement_mv": """SELECT email_id, kind AS source, event_id AS item,
+        toUInt64(0) AS version, toInt64(0) AS tiebreak, emptyArrayString() AS texts,
+        emptyArrayInt64() AS numbers FROM engagement""",
+}
+
+
+def _create_email_lookup(engine: Engine) -> None:
+    """The table, with small granules (and small blocks where the engine takes them)."""
+    settings = {"index_granularity": SMALL_GRANULES, **small_block_settings(engine)}
+    engine.execute(f"""CREATE TABLE IF NOT EXISTS email_lookup (
+        email_id String, source String, item String, version UInt64, tiebreak Int64,
+        texts Array(String), numbers Array(Int64)
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (email_id, source, item)
+    SETTINGS {", ".join(f"{k} = {v}" for k, v in settings.items())}""")
+
+
+def _fill_email_lookup(engine: Engine) -> None:
+    """The views first, then the rows written before them: a row written in between is
+    there twice, which the table collapses and reads pick one of (so does a rerun)."""
+    for view, select in _LOOKUP_SELECTS.items():
+        engine.execute(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO email_lookup "
+                       f"AS {select}")
+    for select in _LOOKUP_SELECTS.values():
+        engine.execute(f"INSERT INTO email_lookup ({_LOOKUP_COLUMNS}) {select}")
+
+
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "sends, opens, email state, engagement", [
         """CREATE TABLE IF NOT EXISTS sends (
@@ -262,6 +312,10 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         _SENDS_BY_PROFILE,
         _SENDS_BY_PROFILE_MV,
         _FILL_SENDS_BY_PROFILE,
+    ]),
+    (7, "email_lookup: an email's send, state and engagement rows in one table, read by id", [
+        _create_email_lookup,
+        _fill_email_lookup,
     ]),
 ]
 

@@ -323,7 +323,10 @@ def raw_insert(engine: Engine, table: str, values: list[bytes]) -> None:
 # The warehouse's materialized views: (source, target) tables. The bulk tables get the same.
 VIEWS = {"sends_by_person_mv": ("sends", "sends_by_person"),
          "sends_by_profile_mv": ("sends", "sends_by_profile"),
-         "folder_index_mv": ("email_state", "folder_index")}
+         "folder_index_mv": ("email_state", "folder_index"),
+         "email_lookup_sends_mv": ("sends", "email_lookup"),
+         "email_lookup_states_mv": ("email_state", "email_lookup"),
+         "email_lookup_engagement_mv": ("engagement", "email_lookup")}
 
 
 def create_bulk_tables(engine: Engine) -> None:
