@@ -3,17 +3,20 @@ row builders, and a write that fails half-way then is retried."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from opentrack import events
 from warehouse.engines import Engine
-from warehouse.loader import LOADER_ROWS, LOADER_SKIPPED, SINKS, Loader
+from warehouse.loader import LOADER_ROWS, LOADER_SKIPPED, SINKS, Loader, is_backlog
 
-TABLES = ("sends", "sends_by_person", "opens", "email_state", "engagement", "email_facts")
+TABLES = ("sends", "sends_by_person", "opens", "email_state", "engagement", "email_facts",
+          "email_lookup")
 
 
 def _send(email_id: str) -> events.SendRegistered:
@@ -206,6 +209,74 @@ def test_full_batches_leave_the_facts_to_a_later_refresh(warehouse_engine: Engin
         assert eager.write(_batches(again)[1][:1]) and eager.settled  # not full
     finally:
         eager.close()
+    # what Loader.run knows of the backlog decides, whatever the batch's size
+    told = f"lltld{run}-"
+    told_loader = Loader(engine, "unused:9092", fast=True, max_records=1000, facts_lag=3600)
+    try:
+        first, second = _batches(told)
+        assert told_loader.write(first, backlog=True) and not told_loader.settled
+        assert told_loader.write(second, backlog=False) and told_loader.settled
+        assert _rows(engine, "email_facts", told) == _rows(engine, "email_facts", reference)
+    finally:
+        told_loader.close()
+
+
+@dataclass
+class _Record:
+    offset: int
+
+
+def test_a_backlog_is_a_full_poll_or_records_behind_the_last_polled() -> None:
+    ends = {"a": 10, "b": 3, "c": None}  # next offsets as the last fetch reported them
+    polled = {"a": [_Record(8), _Record(9)], "b": [_Record(2)]}
+    assert not is_backlog(polled, ends.get, max_records=10)  # read to the end of both
+    assert is_backlog(polled, ends.get, max_records=3)  # full
+    assert is_backlog({"a": [_Record(7), _Record(8)]}, ends.get, max_records=10)
+    assert not is_backlog({"c": [_Record(0)]}, ends.get, max_records=10)  # end not known
+    assert not is_backlog({}, ends.get, max_records=10)
+
+
+@pytest.mark.timeout(180)
+def test_a_backlog_comes_in_full_polls_on_a_real_broker(kafka_broker: Any) -> None:
+    """With the loader's consumer, a backlog comes in polls of ``max_records`` (Kafka's
+    default fetch size gave about 12k records a poll from 4 partitions) that are known as
+    a backlog, the last one not: the facts wait while more is behind."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+
+    from tests.test_loader_assignment import wait_topic_known
+
+    topic, total = f"backlog-{uuid.uuid4().hex[:8]}", 60_000
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 4, 1)])
+    admin.close()
+    wait_topic_known(kafka_broker.bootstrap, topic)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=20,
+                             batch_size=256 * 1024)
+    value = events.ProcessedOpen(f"{uuid.uuid4()}", uuid.uuid4().hex, 1_767_603_600_000,
+                                 "human", "", True, "f" * 16, "Chrome", "Windows",
+                                 "Other").to_bytes()
+    for n in range(total):
+        producer.send(topic, key=str(n).encode(), value=value)
+    producer.flush()
+    producer.close()
+    loader = Loader(None, kafka_broker.bootstrap, group_id=topic,  # type: ignore[arg-type]
+                    topics=[topic], max_records=20_000)
+    consumer = loader._consumer()
+    sizes: list[int] = []
+    verdicts: list[bool] = []
+    try:
+        deadline = time.monotonic() + 120
+        while sum(sizes) < total and time.monotonic() < deadline:
+            polled = consumer.poll(timeout_ms=500, max_records=loader.max_records)
+            if polled:
+                sizes.append(sum(len(records) for records in polled.values()))
+                verdicts.append(is_backlog(polled, consumer.highwater, loader.max_records))
+    finally:
+        consumer.close()
+    assert sum(sizes) == total, sizes
+    assert max(sizes) == loader.max_records, sizes
+    assert verdicts[0] and not verdicts[-1], (sizes, verdicts)
 
 
 @pytest.mark.parametrize("error", ["RebalanceInProgressError", "CommitFailedError",

@@ -47,6 +47,24 @@ log = logging.getLogger(__name__)
 
 # Under a backlog, how long the facts of written emails may wait (see ``Loader.write``).
 FACTS_LAG_SECONDS = 2.0
+# What one fetch may bring of a partition. Kafka's 1 MiB gave polls of about 12k records
+# (310 bytes each, 4 partitions) however large ``max_records``: a backlog came in batches
+# smaller than the loader's, and each batch's inserts cost their fixed part again.
+FETCH_BYTES_PER_PARTITION = 4 * 1024 * 1024
+
+
+def is_backlog(polled: Mapping[Any, Sequence[Any]], highwater: Callable[[Any], int | None],
+               max_records: int) -> bool:
+    """More records wait in Kafka than this poll brought: it was full, or a partition it
+    read from has records past its last one (``highwater``: the next offset there, as the
+    last fetch reported it)."""
+    if sum(len(records) for records in polled.values()) >= max_records:
+        return True
+    for partition, records in polled.items():
+        end = highwater(partition)
+        if records and end is not None and records[-1].offset + 1 < end:
+            return True
+    return False
 
 LOADER_ROWS = Counter("opentrack_loader_rows_total", "Rows written by table", ["table"])
 LOADER_RETRIES = Counter("opentrack_loader_retries_total", "Batch inserts retried")
@@ -427,7 +445,7 @@ class Loader:
         bootstrap: str,
         group_id: str = "opentrack-warehouse",
         topics: Iterable[str] = (*SINKS, events.TOPIC_ERASURES),
-        max_records: int = 20000,
+        max_records: int = 50000,
         poll_ms: int = 50,
         fast: bool | None = None,
         facts_lag: float = FACTS_LAG_SECONDS,
@@ -456,6 +474,7 @@ class Loader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.max_records,
+            max_partition_fetch_bytes=FETCH_BYTES_PER_PARTITION,
             max_poll_interval_ms=30 * 60 * 1000,  # room for a long ClickHouse outage
             fetch_max_wait_ms=self.poll_ms,
             isolation_level="read_committed",
@@ -519,15 +538,17 @@ class Loader:
         """Everything written is in the warehouse with its facts: offsets may be committed."""
         return self._writer is None or not self._writer.facts_due
 
-    def write(self, messages: Sequence[tuple[str, bytes | None]]) -> bool:
+    def write(self, messages: Sequence[tuple[str, bytes | None]],
+              backlog: bool | None = None) -> bool:
         """Write one polled batch of (topic, value) pairs, retrying until it is written;
         False only when asked to stop first (then nothing may be committed).
 
-        On the fast path, a full batch (a backlog: catching up, a replay) leaves the facts
-        of its emails to a later batch, for up to ``facts_lag`` seconds: a refresh reads
-        every granule its emails touch, which at 1M emails is most of the tables, so one
-        refresh per second or two instead of one per batch is most of the loader's speed
-        under a backlog. Offsets may be committed only once ``settled``."""
+        On the fast path, a batch with more waiting behind it (``backlog``: catching up, a
+        replay; by default, a full batch) leaves the facts of its emails to a later batch,
+        for up to ``facts_lag`` seconds: a refresh reads every granule its emails touch,
+        which at 1M emails is most of the tables, so one refresh per second or two instead
+        of one per batch is most of the loader's speed under a backlog. Offsets may be
+        committed only once ``settled``."""
         by_topic: dict[str, list[bytes]] = defaultdict(list)
         for topic, value in messages:
             if value is not None:  # tombstones
@@ -539,8 +560,9 @@ class Loader:
             now = time.monotonic()
             if self._facts_due_since is None:
                 self._facts_due_since = now
-            settle = (len(messages) < self.max_records
-                      or now - self._facts_due_since >= self.facts_lag)
+            if backlog is None:
+                backlog = len(messages) >= self.max_records
+            settle = not backlog or now - self._facts_due_since >= self.facts_lag
             if not self._retry(partial(self._apply_fast, by_topic, erased_now, settle)):
                 return False
             if settle:
@@ -584,8 +606,9 @@ class Loader:
                         consumer = self._consumer()
                     continue
                 messages = [(tp.topic, rec.value) for tp, recs in polled.items() for rec in recs]
+                backlog = is_backlog(polled, consumer.highwater, self.max_records)
                 started = time.perf_counter()
-                if not self.write(messages):
+                if not self.write(messages, backlog):
                     break
                 LOADER_BATCH_SECONDS.observe(time.perf_counter() - started)
                 LOADER_BATCH_ROWS.observe(sum(v is not None for _, v in messages))
