@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentrack.events import now_ms
@@ -43,45 +43,60 @@ def newest(table: str, columns: str, condition: str) -> str:
 _BY_KEY = """SELECT email_id, source, item, version, tiebreak, texts, numbers
 FROM email_lookup WHERE email_id IN %(ids)s"""
 _NEVER_OPENED = dict.fromkeys(_STATE_COLUMNS, 0)
+_PROFILE = LOOKUP_SEND_TEXTS.index("profile_id")
 
 
 @dataclass
-class _Newest:
-    sends: dict[str, dict[str, Any]]
-    states: dict[str, dict[str, Any]]
-    events: dict[str, dict[str, set[str]]]  # email -> kind -> event ids
+class Newest:
+    """Emails' newest send and state and their engagement, as read by key."""
+
+    # a send as read (its texts and numbers), made a dict only when asked: a folder round
+    # reads thousands of candidates to keep a page of them
+    sends: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict)
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: dict[str, dict[str, set[str]]] = field(default_factory=dict)  # kind -> event ids
+
+    def send(self, email_id: str) -> dict[str, Any] | None:
+        if email_id not in self.sends:
+            return None
+        texts, numbers = self.sends[email_id]
+        return {**dict(zip(LOOKUP_SEND_TEXTS, texts, strict=True)),
+                **dict(zip(LOOKUP_SEND_NUMBERS, numbers, strict=True))}
+
+    def profile_of(self, email_id: str) -> str | None:
+        send = self.sends.get(email_id)
+        return send[0][_PROFILE] if send else None
+
+    def keep(self, other: Newest, email_id: str, state: dict[str, Any]) -> None:
+        """One email of ``other``'s rows, with this state."""
+        if email_id in other.sends:
+            self.sends[email_id] = other.sends[email_id]
+        self.states[email_id] = state
+        self.events[email_id] = other.events.get(email_id, {})
 
 
-def _read_newest(engine: Engine, sends: tuple[str, ...] = (), states: tuple[str, ...] = (),
-                 engaged: tuple[str, ...] = ()) -> _Newest:
-    """The newest send and state, and the engagement, of the emails asked for each, in one
-    statement.
+def read_by_key(engine: Engine, ids: tuple[str, ...]) -> Newest:
+    """The newest send and state, and the engagement, of these emails, in one statement.
 
     Of a ReplacingMergeTree's versions of a row, the newest is the one FINAL keeps (equal
     versions carry equal rows, except states that migration 3 wrote again under their
     revision with the first human open filled in, which rank first here); engagement counts
     distinct event ids, as FINAL would keep them."""
-    asked = {"send": set(sends), "state": set(states)}
-    wanted_events = set(engaged)
-    found = _Newest({}, {}, {})
-    ids = tuple(dict.fromkeys((*sends, *states, *engaged)))
+    found = Newest()
     if not ids:
         return found
     versions: dict[tuple[str, str], tuple[int, int]] = {}
     for row in engine.query(_BY_KEY, {"ids": ids}):
         email_id, source = row["email_id"], row["source"]
-        if source not in asked:  # an engagement kind
-            if email_id in wanted_events:
-                found.events.setdefault(email_id, {}).setdefault(source, set()).add(row["item"])
+        if source not in ("send", "state"):  # an engagement kind
+            found.events.setdefault(email_id, {}).setdefault(source, set()).add(row["item"])
             continue
         version = (row["version"], row["tiebreak"])
-        if email_id not in asked[source] or versions.get((source, email_id), (-1, -1)) >= version:
+        if versions.get((source, email_id), (-1, -1)) >= version:
             continue
         versions[source, email_id] = version
         if source == "send":
-            send = dict(zip(LOOKUP_SEND_TEXTS, row["texts"], strict=True))
-            send.update(zip(LOOKUP_SEND_NUMBERS, row["numbers"], strict=True))
-            found.sends[email_id] = send
+            found.sends[email_id] = (row["texts"], row["numbers"])
         else:
             found.states[email_id] = dict(zip(_STATE_COLUMNS, row["numbers"], strict=True))
     return found
@@ -104,24 +119,25 @@ def _present(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def emails(
-    engine: Engine, email_ids: Iterable[str], known: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, dict[str, Any]]:
+def emails(engine: Engine, email_ids: Iterable[str],
+           known: Newest | None = None) -> dict[str, dict[str, Any]]:
     """Registered emails among ``email_ids`` with their state, keyed by id, in the order
-    asked (the states in ``known`` as given, read already by the caller)."""
+    asked; those whose send is in ``known`` as the caller read them (a folder page: the
+    state it was ranked by), the others read now."""
     ids = tuple(dict.fromkeys(email_ids))
-    known = known or {}
-    read = _read_newest(engine, sends=ids, engaged=ids,
-                        states=tuple(i for i in ids if i not in known))
+    known = known or Newest()
+    read = read_by_key(engine, tuple(i for i in ids if i not in known.sends))
     found: dict[str, dict[str, Any]] = {}
     for email_id in ids:
-        if email_id not in read.sends:
+        rows = known if email_id in known.sends else read
+        send = rows.send(email_id)
+        if send is None:
             continue
-        state = ({c: known[email_id][c] for c in _STATE_COLUMNS} if email_id in known
-                 else read.states.get(email_id, _NEVER_OPENED))
-        engaged = read.events.get(email_id, {})
+        state = known.states.get(email_id) or rows.states.get(email_id, _NEVER_OPENED)
+        engaged = rows.events.get(email_id, {})
         found[email_id] = _present({
-            "email_id": email_id, **read.sends[email_id], **state,
+            "email_id": email_id, **send,
+            **{c: state[c] for c in _STATE_COLUMNS},
             "replies": len(engaged.get("reply", ())),
             "unsubscribes": len(engaged.get("unsubscribe", ())),
         })
@@ -162,10 +178,10 @@ class Page:
 def _page(
     engine: Engine, rows: list[dict[str, Any]], limit: int,
     cursor_of: Callable[[dict[str, Any]], dict[str, Any]],
-    states: dict[str, dict[str, Any]] | None = None,
+    known: Newest | None = None,
 ) -> Page:
     """The emails of ``rows`` in order with their state; a cursor after a full page."""
-    details = emails(engine, [r["email_id"] for r in rows], states)
+    details = emails(engine, [r["email_id"] for r in rows], known)
     items = [details[r["email_id"]] for r in rows if r["email_id"] in details]
     next_cursor = encode_cursor(cursor_of(rows[-1])) if len(rows) == limit else None
     return Page(items, next_cursor)
@@ -200,11 +216,11 @@ _MOST_CANDIDATES = 20_000
 
 def _ranked_by_state(
     engine: Engine, column: str, params: dict[str, Any], conditions: list[str],
-    profile_id: str | None, limit: int, states: dict[str, dict[str, Any]],
+    profile_id: str | None, limit: int, known: Newest,
 ) -> list[dict[str, Any]]:
     """The first ``limit`` emails, newest first, whose state has not changed since the
-    snapshot (its last open is at most ``as_of``), ranked by that state; their states go
-    into ``states``.
+    snapshot (its last open is at most ``as_of``), ranked by that state; their rows as read
+    (send, that state, engagement) go into ``known``, for the page.
 
     Reads the index in rounds, each a few times larger than the last, until the page is full
     or the index ends: a round costs a read of the index's newest granules below the
@@ -235,17 +251,16 @@ def _ranked_by_state(
         ids = tuple({r["email_id"] for r in rows} - seen)
         # with the profile's sends: one registered again under another profile leaves its
         # old entry in sends_by_profile
-        newest_rows = _read_newest(engine, states=ids,
-                                   sends=ids if profile_id is not None else ())
+        newest_rows = read_by_key(engine, ids)
         current = newest_rows.states
         if profile_id is not None:
             current = {i: state for i, state in current.items()
-                       if newest_rows.sends.get(i, {}).get("profile_id") == profile_id}
+                       if newest_rows.profile_of(i) == profile_id}
         for row in rows:
             state = current.get(row["email_id"])
             if row["email_id"] not in seen and state and state[column] == row["t"]:
                 seen.add(row["email_id"])
-                states[row["email_id"]] = state
+                known.keep(newest_rows, row["email_id"], state)
                 found.append(row)
                 if len(found) == limit:
                     break
@@ -313,8 +328,8 @@ def opened_folder(
     if until is not None:
         conditions.append("t < %(until)s")
         params["until"] = until
-    states: dict[str, dict[str, Any]] = {}
-    unchanged = _ranked_by_state(engine, column, params, conditions, profile_id, limit, states)
+    known = Newest()
+    unchanged = _ranked_by_state(engine, column, params, conditions, profile_id, limit, known)
     # Opened since the snapshot: their state is newer than it, so the index has an entry
     # newer than it too (a read of its newest part), and the states confirm.
     opened_since = tuple(r["email_id"] for r in engine.query(
@@ -352,7 +367,7 @@ def opened_folder(
             listed.add(row["email_id"])
             rows.append(row)
     return _page(engine, rows[:limit], limit, lambda last: {
-        "t": last["t"], "id": last["email_id"], "as_of": as_of}, states)
+        "t": last["t"], "id": last["email_id"], "as_of": as_of}, known)
 
 
 # -- a person's emails --------------------------------------------------------------------
