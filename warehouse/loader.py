@@ -53,19 +53,6 @@ FACTS_LAG_SECONDS = 2.0
 FETCH_BYTES_PER_PARTITION = 4 * 1024 * 1024
 
 
-def is_backlog(polled: Mapping[Any, Sequence[Any]], highwater: Callable[[Any], int | None],
-               max_records: int) -> bool:
-    """More records wait in Kafka than this poll brought: it was full, or a partition it
-    read from has records past its last one (``highwater``: the next offset there, as the
-    last fetch reported it)."""
-    if sum(len(records) for records in polled.values()) >= max_records:
-        return True
-    for partition, records in polled.items():
-        end = highwater(partition)
-        if records and end is not None and records[-1].offset + 1 < end:
-            return True
-    return False
-
 LOADER_ROWS = Counter("opentrack_loader_rows_total", "Rows written by table", ["table"])
 LOADER_RETRIES = Counter("opentrack_loader_retries_total", "Batch inserts retried")
 LOADER_REJOINS = Counter(
@@ -436,6 +423,20 @@ class TableWriter:
                 self.engine.execute(f"DROP TABLE IF EXISTS {name}")
         if self._fast:
             self.engine.execute(f"DROP TABLE IF EXISTS {self._touched}")
+
+
+def is_backlog(polled: Mapping[Any, Sequence[Any]], highwater: Callable[[Any], int | None],
+               max_records: int) -> bool:
+    """More records wait in Kafka than this poll brought: it was full, or a partition it
+    read from has records past its last one (``highwater``: the next offset there, as the
+    last fetch reported it)."""
+    if sum(len(records) for records in polled.values()) >= max_records:
+        return True
+    for partition, records in polled.items():
+        end = highwater(partition)
+        if records and end is not None and records[-1].offset + 1 < end:
+            return True
+    return False
 
 
 class Loader:

@@ -238,12 +238,12 @@ _LOOKUP_SELECTS = {  # view -> its rows, in the table's column order
 
 def _create_email_lookup(engine: Engine) -> None:
     """The table, with small granules (and small blocks where the engine takes them)."""
-    settings = {"index_granularity": SMALL_GRANULES, **small_block_settings(engine)}
+    clause = _with_granularity("ReplacingMergeTree(version) ORDER BY (email_id, source, item)",
+                               SMALL_GRANULES, small_block_settings(engine))
     engine.execute(f"""CREATE TABLE IF NOT EXISTS email_lookup (
         email_id String, source String, item String, version UInt64, tiebreak Int64,
         texts Array(String), numbers Array(Int64)
-    ) ENGINE = ReplacingMergeTree(version) ORDER BY (email_id, source, item)
-    SETTINGS {", ".join(f"{k} = {v}" for k, v in settings.items())}""")
+    ) ENGINE = {clause}""")
 
 
 def _fill_email_lookup(engine: Engine) -> None:
