@@ -1,10 +1,12 @@
 """Worker throughput beside the raw consume rate of the same topic.
 
 In one run, on a fresh local broker: N labelled raw loads (and their sends) are produced to
-``opens.raw``; then (1) aiokafka consumes them with no processing, and (2) the OpenTrack
-worker processes the same N events (replay drop, classify, dedup, state, emit). The
-worker's rate is taken from the timestamps of its first and last output records, so Faust's
-start-up is not counted. Prints events/s for both, their ratio, and the medians over runs.
+``opens.raw``; then (1) aiokafka consumes them with no processing, (2) Faust alone hands
+them to an agent that does nothing (``faust_alone.py``: the ceiling of any Faust agent
+here), and (3) the OpenTrack worker processes the same N events and the sends (replay drop,
+classify, dedup, state, emit). The worker's rate is taken from the timestamps of its first
+and last output records, so Faust's start-up is not counted. Prints events/s for each, the
+worker's ratio to both, and the medians over runs.
 """
 
 from __future__ import annotations
@@ -80,7 +82,16 @@ def output_span(bootstrap: str, expected: int, timeout: float) -> tuple[int, flo
     return count, ((last or 0) - (first or 0)) / 1000
 
 
-def one_run(n_loads: int, seed: int) -> tuple[float, float]:
+def faust_alone(bootstrap: str, n: int, tmp: Path, env: dict[str, str]) -> float:
+    out = tmp / "faust-alone.txt"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("faust_alone.py")),
+                    "--bootstrap", bootstrap, "--events", str(n), "--out", str(out),
+                    "--data-dir", str(tmp / "faust-alone")], env=env, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return float(out.read_text()) if out.exists() else 0.0
+
+
+def one_run(n_loads: int, seed: int) -> tuple[float, float, float]:
     emails = int(n_loads / 1.12)
     workload = generate(emails=emails, days=7, seed=seed,
                         start_ms=time.time_ns() // 1_000_000 - 21 * 86_400_000)
@@ -93,6 +104,7 @@ def one_run(n_loads: int, seed: int) -> tuple[float, float]:
             produce(broker.bootstrap, loads, TOPIC_OPENS_RAW)
             raw_rate = asyncio.run(raw_consume(broker.bootstrap, len(loads)))
             env = {k: v for k, v in os.environ.items() if not k.startswith("OPENTRACK_")}
+            faust_rate = faust_alone(broker.bootstrap, len(loads), Path(tmp), env)
             env.update(OPENTRACK_DATA_DIR=str(Path(tmp) / "data"),
                        OPENTRACK_KAFKA_BOOTSTRAP=broker.bootstrap, OPENTRACK_LOG_LEVEL="WARNING")
             worker = subprocess.Popen([sys.executable, "-m", "opentrack.cli", "worker"], env=env,
@@ -105,9 +117,11 @@ def one_run(n_loads: int, seed: int) -> tuple[float, float]:
                 worker.terminate()
                 worker.wait(30)
             worker_rate = (len(workload.sends) + len(loads)) / seconds if seconds else 0.0
-            print(f"  raw consume {raw_rate:9.0f} events/s | worker {worker_rate:9.0f} events/s "
-                  f"({count} state records) | ratio {worker_rate / raw_rate:.2f}", flush=True)
-            return raw_rate, worker_rate
+            print(f"  raw consume {raw_rate:9.0f} events/s | Faust alone {faust_rate:7.0f} "
+                  f"events/s | worker {worker_rate:7.0f} events/s ({count} state records) | ratio "
+                  f"{worker_rate / raw_rate:.2f} to raw, {worker_rate / (faust_rate or 1):.2f} "
+                  "to Faust alone", flush=True)
+            return raw_rate, faust_rate, worker_rate
         finally:
             broker.stop()
 
@@ -122,11 +136,13 @@ def main() -> None:
     for run in range(args.runs):
         print(f"run {run + 1}/{args.runs}: {args.loads} loads", flush=True)
         results.append(one_run(args.loads, seed=run + 1))
-    raw = statistics.median(r for r, _ in results)
-    worker = statistics.median(w for _, w in results)
-    print(f"\nmedian over {args.runs} runs: raw consume {raw:.0f} events/s, "
-          f"worker {worker:.0f} events/s, ratio {worker / raw:.2f} "
-          "(targets: ratio >= 0.5, worker >= 20000 events/s)")
+    raw = statistics.median(r for r, _, _ in results)
+    alone = statistics.median(f for _, f, _ in results)
+    worker = statistics.median(w for _, _, w in results)
+    print(f"\nmedian over {args.runs} runs: raw consume {raw:.0f} events/s, Faust alone "
+          f"{alone:.0f} events/s, worker {worker:.0f} events/s, ratio {worker / raw:.2f} to raw "
+          f"(targets: ratio >= 0.5, worker >= 20000 events/s), {worker / (alone or 1):.2f} to "
+          "Faust alone")
 
 
 if __name__ == "__main__":
