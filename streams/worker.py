@@ -53,6 +53,11 @@ from streams.metrics import (
 
 log = logging.getLogger(__name__)
 
+# A batch of events shares one read and one write of each email, and its outputs go out
+# together at the next commit. ``within`` bounds how long a batch waits to fill.
+BATCH_EVENTS = 1000
+BATCH_SECONDS = 0.05
+
 
 def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
     return app.topic(*names, key_serializer="raw", value_serializer="raw")
@@ -133,20 +138,23 @@ def create_worker_app(
             records.put(state.erase(key), event)
             WORKER_EVENTS.labels(topic=topic, outcome="erased").inc()
             return
-        key = taken.email_id
-        record = records.get(key, event)
-        if isinstance(taken, SendRegistered):
-            outcome = state.apply_send(record, taken, classify, window_ms, tracked)
-        elif isinstance(taken, ReplayedOpen):
+        if isinstance(taken, tuple):  # a replay request and its load, keyed by the load
+            request, load = taken
+            record = records.get(load.email_id, event)
             outcome = state.replay_load(
-                record, RawOpen.from_dict(taken.raw), classify, window_ms, tracked,
-                reclassify=taken.reclassify, emit=taken.emit,
+                record, load, classify, window_ms, tracked,
+                reclassify=request.reclassify, emit=request.emit,
             )
             REPLAY_RECLASSIFIED.inc(outcome.reclassified)
+        elif isinstance(taken, SendRegistered):
+            record = records.get(taken.email_id, event)
+            outcome = state.apply_send(record, taken, classify, window_ms, tracked)
         else:
+            record = records.get(taken.email_id, event)
             outcome = state.apply_load(record, taken, classify, window_ms, tracked)
             if not outcome.replay:
                 _observe_load(taken, outcome)
+        key = record.email_id
         if outcome.replay:
             WORKER_EVENTS.labels(topic=topic, outcome="replay").inc()
         elif outcome.tracking_off:
@@ -209,18 +217,18 @@ def create_worker_app(
     return app
 
 
-Taken = SendRegistered | RawOpen | ReplayedOpen | None
+Taken = SendRegistered | RawOpen | tuple[ReplayedOpen, RawOpen] | None
 
 
 def read_event(topic: str, value: bytes | None) -> Taken:
-    """An inbound event as its contract defines it; None for a send's tombstone (an erasure).
-    Raises ValueError, TypeError or KeyError for a malformed one."""
+    """An inbound event as its contract defines it: a replay request with its load, parsed
+    here so that a malformed one is refused before any state changes; None for a send's
+    tombstone (an erasure). Raises ValueError, TypeError or KeyError for a malformed one."""
     if topic == TOPIC_SENDS:
         return None if value is None else SendRegistered.from_bytes(value)
     if topic == TOPIC_OPENS_REPLAY:
         request = ReplayedOpen.from_bytes(value or b"")
-        RawOpen.from_dict(request.raw)  # its load is checked here, before any state changes
-        return request
+        return request, RawOpen.from_dict(request.raw)
     return RawOpen.from_bytes(value or b"")
 
 
@@ -349,11 +357,6 @@ class OffsetWatch:
                       generation, seen[1] + 1, offset - 1, tp.topic, tp.partition)
         self.last[tp] = (generation, offset)
 
-
-# A batch of events shares one read and one write of each email, and its outputs go out
-# together at the next commit. ``within`` bounds how long a batch waits to fill.
-BATCH_EVENTS = 1000
-BATCH_SECONDS = 0.05
 
 STALLED_EXIT = 75  # EX_TEMPFAIL: restart me
 
